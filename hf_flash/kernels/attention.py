@@ -35,7 +35,7 @@ MAX_HEADDIM = 256
 
 def _configs(candidates):
     if INTERPRET:  # one small config: the interpreter is slow and autotuning it means nothing
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
 
 
@@ -101,6 +101,21 @@ def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
             return tl.load(ptrs)
         else:
             return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def _tile(n_blocks, REVERSE: tl.constexpr):
+    """(block index along the sequence, batch * nheads index) of this program.
+
+    The grid is 1-D because CUDA caps grid axis 1 at 65535, below batch * nheads for large batches
+    of short sequences. Consecutive programs share a head, so its K/V stay in L2; with REVERSE
+    (causal, where later query blocks do more work) the heaviest blocks start first.
+    """
+    pid = tl.program_id(0)
+    block = pid % n_blocks
+    if REVERSE:
+        block = n_blocks - 1 - block
+    return block, pid // n_blocks
 
 
 @triton.jit
@@ -172,8 +187,7 @@ def _attn_fwd(Q, K, V, O, LSE,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
               PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), CAUSAL)
     off_b = (off_bh // NHEADS).to(tl.int64)
     off_h = (off_bh % NHEADS).to(tl.int64)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
@@ -224,8 +238,7 @@ def _attn_bwd_preprocess(O, DO, DLSE, Delta,
                          NHEADS, SEQ_Q,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
                          BLOCK_M: tl.constexpr):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), False)
     off_b = (off_bh // NHEADS).to(tl.int64)
     off_h = (off_bh % NHEADS).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -280,8 +293,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bhk = tl.program_id(1)
+    block_n, off_bhk = _tile(tl.cdiv(SEQ_K, BLOCK_N), False)
+    start_n = block_n * BLOCK_N
     nheads_kv = NHEADS // GROUP
     off_b = (off_bhk // nheads_kv).to(tl.int64)
     off_hk = (off_bhk % nheads_kv).to(tl.int64)
@@ -366,8 +379,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
                  PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), CAUSAL)
     off_b = (off_bh // NHEADS).to(tl.int64)
     off_h = (off_bh % NHEADS).to(tl.int64)
     k_base = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
@@ -428,7 +440,7 @@ def attention_forward(q, k, v, causal, softmax_scale):
     if k.shape[1] == 0:  # no keys at all: every row is empty
         return out.zero_(), lse.fill_(float("inf"))
     meta = _common(q, k, causal)
-    grid = lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * nheads)
+    grid = lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]) * batch * nheads,)
     _attn_fwd[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                     qk_scale=softmax_scale * LOG2E, **meta)
     return out, lse
@@ -445,16 +457,16 @@ def attention_backward(dout, q, k, v, out, lse, dlse, causal, softmax_scale):
     meta = _common(q, k, causal)
     delta = torch.empty_like(lse)
     block_pre = 64 if not INTERPRET else 32
-    _attn_bwd_preprocess[(triton.cdiv(seq_q, block_pre), batch * nheads)](
+    _attn_bwd_preprocess[(triton.cdiv(seq_q, block_pre) * batch * nheads,)](
         out, dout, dlse if dlse is not None else lse, delta, *out.stride(), *dout.stride(), nheads, seq_q,
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=block_pre)
     scales = dict(sm_scale=softmax_scale, qk_scale=softmax_scale * LOG2E)
     nheads_kv = k.shape[2]
-    grid_kv = lambda cfg: (triton.cdiv(k.shape[1], cfg["BLOCK_N"]), batch * nheads_kv)
+    grid_kv = lambda cfg: (triton.cdiv(k.shape[1], cfg["BLOCK_N"]) * batch * nheads_kv,)
     _attn_bwd_dkdv[grid_kv](q, k, v, dout, lse, delta, dk, dv,
                             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
                             **scales, **meta)
-    grid_q = lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * nheads)
+    grid_q = lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]) * batch * nheads,)
     _attn_bwd_dq[grid_q](q, k, v, dout, lse, delta, dq,
                          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
                          **scales, **meta)

@@ -1,0 +1,218 @@
+"""flash_attn_func against the float64 reference: outputs, LSE and gradients, odd shapes, layouts."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU, assert_close_2x
+
+import hf_flash
+from hf_flash.kernels import attention as kernels
+from hf_flash.reference import attention_reference
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+SEQLENS = [(1, 97), (113, 203), (128, 128), (200, 57)]
+HEADDIMS = [32, 40, 64, 80, 128]
+DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _cases():
+    """Full product on the GPU; on the CPU interpreter, every seqlen x dtype x causal once, with the
+    head dim and GQA grouping rotating through their values so each still appears several times."""
+    if ON_GPU:
+        for causal, dtype, (sq, sk), d in itertools.product([False, True], DTYPES, SEQLENS, HEADDIMS):
+            yield 2, 6, 2, sq, sk, d, causal, dtype
+        for sq, sk, d in [(1023, 1025, 96), (4096, 4095, 256), (8192, 8192, 64), (2048, 8192, 128), (777, 333, 59)]:
+            for causal in (False, True):
+                yield 1, 4, 2, sq, sk, d, causal, torch.bfloat16
+        return
+    for i, ((sq, sk), dtype, causal) in enumerate(itertools.product(SEQLENS, DTYPES, [False, True])):
+        nheads, nheads_kv = [(2, 1), (2, 2), (3, 1)][i % 3]
+        yield 1, nheads, nheads_kv, sq, sk, HEADDIMS[i % len(HEADDIMS)], causal, dtype
+
+
+def _case_id(case):
+    b, h, hk, sq, sk, d, causal, dtype = case
+    return f"B{b}-H{h}-K{hk}-Sq{sq}-Sk{sk}-D{d}-{'causal' if causal else 'full'}-{DTYPE_NAME[dtype]}"
+
+
+def _qkv(b, h, hk, sq, sk, d, dtype, layout="bshd"):
+    """Random q, k, v of shape (b, s, h, d) in the given memory layout."""
+    def make(s, heads):
+        if layout == "bshd":
+            return torch.randn(b, s, heads, d, device=DEVICE, dtype=dtype)
+        if layout == "bhsd":  # what transformers passes: a transposed view, no copy
+            return torch.randn(b, heads, s, d, device=DEVICE, dtype=dtype).transpose(1, 2)
+        if layout == "packed":  # slices of one (b, s, 3, heads, d) buffer, as from a fused qkv projection
+            return torch.randn(b, s, 3, heads, d, device=DEVICE, dtype=dtype)[:, :, 1]
+        raise ValueError(layout)
+    return [t.requires_grad_() for t in (make(sq, h), make(sk, hk), make(sk, hk))]
+
+
+def check_against_reference(q, k, v, causal, dout=None, softmax_scale=None):
+    out, lse = hf_flash.flash_attn_func(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    dout = torch.randn_like(out) if dout is None else dout
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_reference(*ref_inputs, causal=causal, softmax_scale=softmax_scale)
+    ref_grads = torch.autograd.grad(ref_out, ref_inputs, dout.double())
+    pt_out, _ = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    pt_grads = torch.autograd.grad(pt_out, (q, k, v), dout)
+
+    for name, ours, ref, pt in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), (pt_out, *pt_grads)):
+        assert ours.dtype == pt.dtype
+        assert_close_2x(ours, ref, pt, name)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse), ~finite), "lse must be +inf exactly on rows that see no key"
+    torch.testing.assert_close(lse[finite], ref_lse[finite].float(), rtol=1e-5, atol=1e-5)
+    return out
+
+
+@pytest.mark.parametrize("case", list(_cases()), ids=_case_id)
+def test_matches_reference(case):
+    b, h, hk, sq, sk, d, causal, dtype = case
+    check_against_reference(*_qkv(b, h, hk, sq, sk, d, dtype), causal)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "packed"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_inputs(layout, causal):
+    q, k, v = _qkv(1, 2, 1, 97, 75, 64, torch.float16, layout)
+    assert not q.is_contiguous()
+    # a transposed, non-contiguous upstream gradient as well
+    dout = torch.randn(1, 2, 97, 64, device=DEVICE, dtype=torch.float16).transpose(1, 2)
+    check_against_reference(q, k, v, causal, dout=dout)
+
+
+def test_softmax_scale_and_empty_rows():
+    """A custom scale (GPT-2 folds 1/layer_idx into it), and causal rows that see no key."""
+    q, k, v = _qkv(1, 2, 2, 70, 20, 32, torch.float32)
+    out = check_against_reference(q, k, v, True, softmax_scale=0.037)
+    assert torch.equal(out[:, :50], torch.zeros_like(out[:, :50]))  # rows i < seq_q - seq_k see nothing
+
+
+def test_lse_gradient():
+    """return_lse's output is differentiable: loss = <out, dout> + <lse, dlse>."""
+    q, k, v = _qkv(1, 2, 1, 45, 77, 40, torch.float32)
+    out, lse = hf_flash.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), (q, k, v))
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_reference(*ref_inputs, causal=True)
+    ref_grads = torch.autograd.grad((ref_out * dout).sum() + (ref_lse * dlse).sum(), ref_inputs)
+    for ours, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_length():
+    q, k, v = _qkv(2, 2, 1, 5, 0, 16, torch.float32)
+    out, lse = hf_flash.flash_attn_func(q, k, v, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    q, k, v = _qkv(2, 2, 1, 0, 7, 16, torch.float32)
+    assert hf_flash.flash_attn_func(q, k, v).shape == (2, 0, 2, 16)
+
+
+def test_backward_is_deterministic():
+    q, k, v = _qkv(1, 4, 1, 150, 150, 64, torch.float16)
+    dout = torch.randn(1, 150, 4, 64, device=DEVICE, dtype=torch.float16)
+    first = torch.autograd.grad(hf_flash.flash_attn_func(q, k, v, causal=True), (q, k, v), dout)
+    second = torch.autograd.grad(hf_flash.flash_attn_func(q, k, v, causal=True), (q, k, v), dout)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_activation_checkpointing():
+    """Recomputing the forward inside torch.utils.checkpoint gives bit-identical gradients."""
+    q, k, v = _qkv(1, 2, 1, 100, 90, 32, torch.bfloat16)
+    w = torch.randn(32, 32, device=DEVICE, dtype=torch.bfloat16)
+
+    def block(q, k, v):
+        return (hf_flash.flash_attn_func(q @ w, k, v, causal=True) @ w).float().square().sum()
+
+    plain = torch.autograd.grad(block(q, k, v), (q, k, v))
+    ckpt = torch.autograd.grad(torch.utils.checkpoint.checkpoint(block, q, k, v, use_reentrant=False), (q, k, v))
+    for a, b in zip(plain, ckpt):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_fullgraph():
+    """fullgraph=True raises on any graph break; compiled and eager results agree."""
+    torch._dynamo.reset()
+    q, k, v = _qkv(2, 4, 2, 66, 130, 64, torch.float16)
+    w = torch.randn(64, 64, device=DEVICE, dtype=torch.float16)
+
+    def loss_fn(q, k, v):
+        return (hf_flash.flash_attn_func(torch.tanh(q) @ w, k, v, causal=True) * 2.0).float().square().mean()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref_loss = loss_fn(q, k, v)
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-3, atol=1e-4)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs > 2**31-element tensors and a 65535+ grid; GPU only")
+def test_int64_offsets_and_large_batch():
+    # q's second batch lives beyond element 2**31: batch offsets must be computed in int64
+    s, h, d = 128, 2, 64
+    stride_b = 2**31 + 4096
+    buf = torch.empty(stride_b + s * h * d, device=DEVICE, dtype=torch.float16)
+    q = buf.as_strided((2, s, h, d), (stride_b, h * d, d, 1))
+    q[0].normal_()
+    q[1].normal_()
+    q.requires_grad_()
+    _, k, v = _qkv(2, h, h, s, 96, d, torch.float16)
+    check_against_reference(q, k, v, causal=True)
+    del buf, q
+    # batch * nheads above CUDA's 65535 limit on grid axis 1
+    q, k, v = _qkv(70000, 1, 1, 16, 16, 16, torch.float16)
+    check_against_reference(q, k, v, causal=False)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def _t(*shape, dtype=torch.float16, device=DEVICE):
+    return torch.randn(*shape, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((_t(1, 8, 2, 16), _t(1, 8, 2, 16), "v"), {}, TypeError, "v must be a torch.Tensor"),
+    ((_t(8, 2, 16), _t(1, 8, 2, 16), _t(1, 8, 2, 16)), {}, ValueError, "q must have 4 dims"),
+    ((_t(1, 8, 2, 16), _t(2, 8, 2, 16), _t(2, 8, 2, 16)), {}, ValueError, "batch size of q"),
+    ((_t(1, 8, 2, 16), _t(1, 8, 2, 32), _t(1, 8, 2, 32)), {}, ValueError, "headdim of q"),
+    ((_t(1, 8, 2, 16), _t(1, 8, 2, 16), _t(1, 9, 2, 16)), {}, ValueError, "k and v must have the same shape"),
+    ((_t(1, 8, 3, 16), _t(1, 8, 2, 16), _t(1, 8, 2, 16)), {}, ValueError, "multiple of nheads of k"),
+    ((_t(1, 8, 2, 320), _t(1, 8, 2, 320), _t(1, 8, 2, 320)), {}, ValueError, "headdim must be between 1 and 256"),
+    ((_t(1, 8, 2, 16, dtype=torch.int32),) * 3, {}, TypeError, "q must be float16, bfloat16 or float32"),
+    ((_t(1, 8, 2, 16), _t(1, 8, 2, 16, dtype=torch.bfloat16), _t(1, 8, 2, 16)), {}, TypeError, "share one dtype"),
+    ((_t(1, 8, 2, 16),) * 3, {"softmax_scale": "x"}, TypeError, "softmax_scale must be a float"),
+    ((_t(1, 8, 2, 16),) * 3, {"causal": 1}, TypeError, "causal must be a bool"),
+    ((_t(1, 8, 2, 16),) * 3, {"dropout_p": 0.1}, NotImplementedError, "dropout_p"),
+    ((_t(1, 8, 2, 16),) * 3, {"window_size": (4, 0)}, NotImplementedError, "window_size"),
+    ((_t(1, 8, 2, 16),) * 3, {"alibi_slopes": _t(2)}, NotImplementedError, "alibi_slopes"),
+    ((_t(1, 8, 2, 16),) * 3, {"key_padding_mask": torch.ones(1, 8, dtype=torch.bool)}, NotImplementedError,
+     "key_padding_mask"),
+], ids=lambda x: x.__name__ if isinstance(x, type) else None)
+def test_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        hf_flash.flash_attn_func(*args, **kwargs)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device next to the CPU")
+def test_mixed_devices():
+    with pytest.raises(ValueError, match="must be on one device"):
+        hf_flash.flash_attn_func(_t(1, 8, 2, 16), _t(1, 8, 2, 16, device="cpu"), _t(1, 8, 2, 16))
+
+
+def test_cpu_without_interpreter_says_how_to_run(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    x = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        hf_flash.flash_attn_func(x, x, x)
