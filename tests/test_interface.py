@@ -216,3 +216,18 @@ def test_cpu_without_interpreter_says_how_to_run(monkeypatch):
     x = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         hf_flash.flash_attn_func(x, x, x)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter has a single config")
+@pytest.mark.parametrize("index", range(max(len(kernels._FWD_CONFIGS), len(kernels._BWD_DKDV_CONFIGS),
+                                            len(kernels._BWD_DQ_CONFIGS))))
+@pytest.mark.parametrize("head_dim, dtype", [(64, torch.float16), (128, torch.bfloat16), (256, torch.float16)])
+def test_every_config_is_exact(index, head_dim, dtype, monkeypatch):
+    """Each autotuning candidate computes the same function, whichever the tuner picks."""
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    for kernel in (kernels._attn_fwd, kernels._attn_bwd_dkdv, kernels._attn_bwd_dq):
+        configs = kernels._prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=head_dim)
+        monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])
+        monkeypatch.setattr(kernel, "cache", {})
+    for causal in (False, True):
+        check_against_reference(*_qkv(2, 4, 2, 333, 301, head_dim, dtype), causal)

@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+# HF_FLASH_AUTOTUNE=0 skips the config search and takes the first config that fits: no tuning
+# time on the first call of each shape bucket, at some cost in speed (the test suite uses it).
+AUTOTUNE = os.environ.get("HF_FLASH_AUTOTUNE", "1") not in ("", "0")
 # The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors for testing. It is read at
 # import time because triton.jit chooses between compiling and interpreting when it decorates.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -43,11 +46,12 @@ def _prune(configs, named_args, **kwargs):
     """Keep only tiles that fit registers and shared memory for this row width (head dim x dtype)."""
     args = {**named_args, **kwargs}
     row_bytes = args["Q"].element_size() * args["BLOCK_D"]
-    if row_bytes <= 256:  # fp16/bf16 up to headdim 128, fp32 up to 64
-        return configs
-    max_tile = 128 * 64 if row_bytes <= 512 else 64 * 32
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile and c.num_stages <= 2]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    kept = configs
+    if row_bytes > 256:  # beyond fp16/bf16 headdim 128 or fp32 headdim 64
+        max_tile = 128 * 64 if row_bytes <= 512 else 64 * 32
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile and c.num_stages <= 2]
+        kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return kept if AUTOTUNE else kept[:1]
 
 
 _FWD_CONFIGS = _configs([
