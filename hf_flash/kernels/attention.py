@@ -1,18 +1,21 @@
-"""Dense exact attention (FlashAttention-2) in Triton: forward, backward, launchers, custom ops.
+"""Exact attention (FlashAttention-2) in Triton: forward, backward, launchers, custom ops.
 
-Layout: q, k, v are (batch, seqlen, nheads, headdim) with any strides; k and v may have
-nheads_q / group heads (GQA/MQA). The forward tiles K/V through on-chip memory with an online
-softmax in fp32 and writes only the output and the log-sum-exp (LSE, natural log, (batch, nheads,
-seqlen_q) fp32). The backward recomputes the probabilities from Q, K and the LSE.
+Layout: q, k, v are (batch, seqlen, nheads, headdim) with any strides, or packed (total_tokens,
+nheads, headdim) with cu_seqlens offsets (varlen); k and v may have nheads_q / group heads
+(GQA/MQA). The forward tiles K/V through on-chip memory with an online softmax in fp32 and writes
+only the output and the log-sum-exp (LSE, natural log, fp32). The backward recomputes the
+probabilities from Q, K and the LSE.
 
-Causal masking is aligned bottom-right: query i sees key j iff j <= i + (seqlen_k - seqlen_q).
-A row that sees no key outputs 0 and has LSE = +inf (as flash-attn), so that exp(s - lse) = 0 in
-the backward without a special case.
+Masking is aligned bottom-right: with diag = seqlen_k - seqlen_q, query i sees key j iff
+i + diag - left <= j <= i + diag + right (causal: right = 0; -1: unbounded) and j is not padding.
+Key blocks outside that band are skipped; blocks inside it need no element mask. A row that sees no
+key outputs 0 and has LSE = +inf (as flash-attn), so that exp(s - lse) = 0 in the backward without
+a special case. Optional: ALiBi bias, dropout (Philox, regenerated in the backward from the same
+counters), key and query padding masks.
 
 Read top to bottom: configs, jit helpers, forward, backward, launchers, custom ops with autograd.
 """
 
-import math
 import os
 
 import torch
@@ -27,7 +30,6 @@ AUTOTUNE = os.environ.get("HF_FLASH_AUTOTUNE", "1") not in ("", "0")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_HEADDIM = 256
 
 
@@ -63,7 +65,7 @@ _BWD_DKDV_CONFIGS = _configs([  # BLOCK_M walks queries, BLOCK_N is the resident
 _BWD_DQ_CONFIGS = _configs([  # BLOCK_M is the resident Q tile, BLOCK_N walks keys
     (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 2), (32, 32, 8, 2),
 ])
-_TUNE_KEY = ["SEQ_Q_BUCKET", "SEQ_K_BUCKET", "HEAD_DIM", "CAUSAL"]
+_TUNE_KEY = ["SEQ_Q_BUCKET", "SEQ_K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN"]
 _PRUNE = {"early_config_prune": _prune}
 
 
@@ -123,21 +125,100 @@ def _tile(n_blocks, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _key_blocks(start_m, SEQ_Q, SEQ_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key range of query block start_m, split as [0, full_hi) needing no mask, [full_hi, hi) masked.
+def _seq_bounds(CU_SEQLENS, off_b, SEQ, IS_VARLEN: tl.constexpr):
+    """(start row, length) of sequence off_b: packed (varlen) sequences read them from cu_seqlens."""
+    if IS_VARLEN:
+        start = tl.load(CU_SEQLENS + off_b)
+        return start.to(tl.int64), tl.load(CU_SEQLENS + off_b + 1) - start
+    else:
+        return 0, SEQ + 0
 
-    Blocks below full_hi are inside the key range and (if causal) visible to every row of the
-    query block; the rest need the element mask (causal diagonal or the ragged last key block).
+
+@triton.jit
+def _visible(rows, cols, seq_k, diag, win_left, win_right, kpm_base,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Element mask of query rows x key cols (2-D broadcastable index tensors).
+
+    Key j is visible from query i iff j < seqlen_k, i + diag - left <= j <= i + diag + right (each
+    side only when bounded; causal is right = 0), and key j is not padding.
     """
-    full_hi = SEQ_K // BLOCK_N * BLOCK_N
-    hi = SEQ_K
-    if CAUSAL:
-        diag = SEQ_K - SEQ_Q
-        first_row = start_m * BLOCK_M
-        last_row = tl.minimum(first_row + BLOCK_M, SEQ_Q) - 1
-        full_hi = tl.minimum(full_hi, tl.maximum(first_row + diag + 1, 0) // BLOCK_N * BLOCK_N)
-        hi = tl.maximum(tl.minimum(hi, last_row + diag + 1), 0)
-    return full_hi, hi
+    keep = cols < seq_k
+    if HAS_RIGHT:
+        keep = keep & (cols <= rows + diag + win_right)
+    if HAS_LEFT:
+        keep = keep & (cols >= rows + diag - win_left)
+    if HAS_KPM:
+        keep = keep & (tl.load(kpm_base + cols, mask=cols < seq_k, other=0) != 0)
+    return keep
+
+
+@triton.jit
+def _alibi(rows, cols, diag, slope2):
+    # flash-attn's ALiBi: -slope * |i + diag - j|, here in log2 units (slope2 = -slope * log2 e).
+    return slope2 * tl.abs(rows + diag - cols).to(tl.float32)
+
+
+@triton.jit
+def _dropout_keep(seed, rng_rows, cols, SEQ_K, dropout_p):
+    """Philox keep mask. Element (b, h, i, j) always draws counter (bh * SEQ_Q + i) * SEQ_K + j, in
+    the forward, both backward kernels and dropout_mask(), so they all see the same mask."""
+    return tl.rand(seed, rng_rows * SEQ_K + cols) >= dropout_p
+
+
+@triton.jit
+def _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, k_lo, k_hi,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of a query block as lo <= full_lo <= full_hi <= hi.
+
+    [full_lo, full_hi) holds whole key blocks that every row of the query block sees entirely: they
+    need no element mask. [lo, full_lo) and [full_hi, hi) straddle a window edge, the ragged last
+    block or padding, and are masked. Blocks outside [lo, hi) are skipped, not just masked. With a
+    key padding mask (any pattern) every block in [k_lo, k_hi) is masked.
+    """
+    last_row = tl.minimum(first_row + BLOCK_M, seq_q) - 1
+    lo = seq_k * 0
+    hi = seq_k
+    full_lo = lo
+    full_hi = seq_k // BLOCK_N * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, last_row + diag + win_right + 1)
+        full_hi = tl.minimum(full_hi, tl.maximum(first_row + diag + win_right + 1, 0) // BLOCK_N * BLOCK_N)
+    if HAS_LEFT:
+        lo = tl.maximum(first_row + diag - win_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(last_row + diag - win_left, 0), BLOCK_N) * BLOCK_N
+    if HAS_KPM:
+        lo = tl.maximum(lo, k_lo // BLOCK_N * BLOCK_N)
+        hi = tl.minimum(hi, k_hi)
+        full_lo = lo
+        full_hi = lo
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_blocks(start_n, seq_q, diag, win_left, win_right,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query range of a key block, split like _key_blocks: [full_lo, full_hi) see all of its keys.
+
+    Query rows past seqlen_q need no mask here (they load as q = 0 with lse = +inf, so p = 0).
+    """
+    lo = seq_q * 0
+    hi = seq_q
+    full_lo = lo
+    full_hi = seq_q
+    if HAS_RIGHT:
+        lo = tl.maximum(start_n - diag - win_right, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - win_right, 0), BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        hi = tl.minimum(hi, start_n + BLOCK_N - diag + win_left)
+        full_hi = tl.maximum(start_n - diag + win_left + 1, 0) // BLOCK_M * BLOCK_M
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,20 +227,25 @@ def _key_blocks(start_m, SEQ_Q, SEQ_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constex
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               lo, hi, offs_m, offs_n, offs_d, SEQ_K, diag, qk_scale,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               lo, hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
+               slope2, seed, rng_rows, SEQ_K, dropout_p,
+               MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = _load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       cols, SEQ_K, offs_d, HEAD_DIM, BLOCK_D, MASK)
+                       cols, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
         qk = tl.dot(_mm(q, INTERPRET), _mm(tl.trans(k), INTERPRET), input_precision=PRECISION)
-        if MASK:
-            keep = cols[None, :] < SEQ_K
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
-            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+        if MASK or HAS_ALIBI:
+            qk = qk * qk_scale
+            if HAS_ALIBI:
+                qk += _alibi(rows[:, None], cols[None, :], diag, slope2)
+            if MASK:
+                keep = _visible(rows[:, None], cols[None, :], seq_k, diag, win_left, win_right, kpm_base,
+                                HAS_LEFT, HAS_RIGHT, HAS_KPM)
+                qk = tl.where(keep, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead of -inf
             # so that exp2 gives 0 rather than NaN.
@@ -171,10 +257,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
             qk = qk * qk_scale - m_sub[:, None]
         p = tl.math.exp2(qk)
         alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         acc = acc * alpha[:, None]
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, rng_rows[:, None], cols[None, :], SEQ_K, dropout_p), p, 0.0)
         v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                       cols, SEQ_K, offs_d, HEAD_DIM, BLOCK_D, MASK)
+                       cols, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
         acc = tl.dot(_mm(_cast(p, v.dtype, INTERPRET), INTERPRET), _mm(v, INTERPRET), acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -182,48 +270,85 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE,
+def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
               stride_qb, stride_qm, stride_qh, stride_qd,
               stride_kb, stride_kn, stride_kh, stride_kd,
               stride_vb, stride_vn, stride_vh, stride_vd,
               stride_ob, stride_om, stride_oh, stride_od,
-              NHEADS, GROUP, SEQ_Q, SEQ_K, qk_scale, SEQ_Q_BUCKET, SEQ_K_BUCKET,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
-              PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+              stride_lb, stride_lh, stride_kpm, stride_qpm, stride_ab, stride_ah,
+              NHEADS, GROUP, SEQ_Q, SEQ_K, qk_scale, win_left, win_right, dropout_p,
+              SEQ_Q_BUCKET, SEQ_K_BUCKET,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, HAS_QPM: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), CAUSAL)
+    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), HAS_RIGHT)
     off_b = (off_bh // NHEADS).to(tl.int64)
     off_h = (off_bh % NHEADS).to(tl.int64)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
-    v_base = V + off_b * stride_vb + (off_h // GROUP) * stride_vh
-    o_base = O + off_b * stride_ob + off_h * stride_oh
+    q_start, seq_q = _seq_bounds(CU_Q, off_b, SEQ_Q, IS_VARLEN)
+    k_start, seq_k = _seq_bounds(CU_K, off_b, SEQ_K, IS_VARLEN)
+    first_row = start_m * BLOCK_M
+    if first_row >= seq_q:  # a packed sequence shorter than max_seqlen_q
+        return
+    q_base = Q + off_b * stride_qb + q_start * stride_qm + off_h * stride_qh
+    k_base = K + off_b * stride_kb + k_start * stride_kn + (off_h // GROUP) * stride_kh
+    v_base = V + off_b * stride_vb + k_start * stride_vn + (off_h // GROUP) * stride_vh
+    o_base = O + off_b * stride_ob + q_start * stride_om + off_h * stride_oh
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = first_row + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   offs_m, SEQ_Q, offs_d, HEAD_DIM, BLOCK_D, True)
+    q = _load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+
+    diag = seq_k - seq_q
+    kpm_base = KPM + off_b * stride_kpm
+    k_lo = 0
+    k_hi = seq_k
+    if HAS_KPM:
+        k_lo = tl.load(K_RANGE + 2 * off_b)
+        k_hi = tl.load(K_RANGE + 2 * off_b + 1)
+    lo, full_lo, full_hi, hi = _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, k_lo, k_hi,
+                                           HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_M, BLOCK_N)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = -tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    rng_rows = off_bh.to(tl.int64) * SEQ_Q + rows
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    diag = SEQ_K - SEQ_Q
-    full_hi, hi = _key_blocks(start_m, SEQ_Q, SEQ_K, CAUSAL, BLOCK_M, BLOCK_N)
+    if HAS_LEFT:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   lo, full_lo, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right,
+                                   kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p,
+                                   True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               0, full_hi, offs_m, offs_n, offs_d, SEQ_K, diag, qk_scale,
-                               False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
+                               full_lo, full_hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right,
+                               kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p,
+                               False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               full_hi, hi, offs_m, offs_n, offs_d, SEQ_K, diag, qk_scale,
-                               True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
+                               full_hi, hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right,
+                               kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p,
+                               True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
 
     empty = l_i == 0.0  # the row sees no key
+    if HAS_QPM:  # a padding query: output 0, lse +inf, so the backward gives it zero gradient
+        empty = empty | (tl.load(QPM + off_b * stride_qpm + rows, mask=rows < seq_q, other=0) == 0)
     l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]  # the one division, at the end
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(LSE + off_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
-    o_ptrs = o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, _cast(acc, O.dtype.element_ty, INTERPRET), mask=(offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM))
+    if DROPOUT:
+        l_safe = l_safe * (1.0 - dropout_p)
+    acc = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])  # the one division, at the end
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + q_start + rows, lse, mask=rows < seq_q)
+    o_ptrs = o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, _cast(acc, O.dtype.element_ty, INTERPRET), mask=(rows[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM))
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +357,7 @@ def _attn_fwd(Q, K, V, O, LSE,
 #
 # Query rows past seqlen_q load as q = 0, dO = 0, LSE = +inf, so their probabilities are exactly 0
 # and need no mask. Key rows past seqlen_k only touch dK/dV rows that are never stored, but in dQ
-# they must be masked like in the forward.
+# they must be masked like in the forward. With dropout, dS = P * (dropped(dP) / (1 - p) - delta).
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -259,26 +384,40 @@ def _attn_bwd_preprocess(O, DO, DLSE, Delta,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                    stride_qm, stride_qd, stride_dom, stride_dod,
-                    lo, hi, offs_m, offs_n, offs_d, SEQ_Q, diag, qk_scale,
-                    MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
+                    lo, hi, offs_m, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left, win_right, key_kept,
+                    slope2, seed, rng_base, SEQ_K, dropout_p,
+                    MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
         q = _load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                       rows, SEQ_Q, offs_d, HEAD_DIM, BLOCK_D, True)
-        lse2 = tl.load(lse_base + rows, mask=rows < SEQ_Q, other=float("inf")) * 1.4426950408889634
+                       rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+        lse2 = tl.load(lse_base + rows, mask=rows < seq_q, other=float("inf")) * 1.4426950408889634
         qk_t = tl.dot(_mm(k, INTERPRET), _mm(tl.trans(q), INTERPRET), input_precision=PRECISION)
-        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
-        if MASK:  # causal diagonal
-            p_t = tl.where(offs_n[:, None] <= rows[None, :] + diag, p_t, 0.0)
+        s_t = qk_t * qk_scale
+        if HAS_ALIBI:
+            s_t += _alibi(rows[None, :], cols[:, None], diag, slope2)
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASK:
+            keep = _visible(rows[None, :], cols[:, None], seq_k, diag, win_left, win_right, 0,
+                            HAS_LEFT, HAS_RIGHT, False)
+            p_t = tl.where(keep, p_t, 0.0)
+        if HAS_KPM:
+            p_t = tl.where(key_kept[:, None], p_t, 0.0)
         do = _load_rows(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                        rows, SEQ_Q, offs_d, HEAD_DIM, BLOCK_D, True)
-        dv = tl.dot(_mm(_cast(p_t, do.dtype, INTERPRET), INTERPRET), _mm(do, INTERPRET), dv, input_precision=PRECISION)
-        delta = tl.load(delta_base + rows, mask=rows < SEQ_Q, other=0.0)
+                        rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
         dp_t = tl.dot(_mm(v, INTERPRET), _mm(tl.trans(do), INTERPRET), input_precision=PRECISION)
+        if DROPOUT:
+            kept = _dropout_keep(seed, rng_base + rows[None, :], cols[:, None], SEQ_K, dropout_p)
+            p_drop_t = tl.where(kept, p_t / (1.0 - dropout_p), 0.0)
+            dp_t = tl.where(kept, dp_t / (1.0 - dropout_p), 0.0)
+        else:
+            p_drop_t = p_t
+        dv = tl.dot(_mm(_cast(p_drop_t, do.dtype, INTERPRET), INTERPRET), _mm(do, INTERPRET), dv, input_precision=PRECISION)
+        delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(_mm(_cast(ds_t, q.dtype, INTERPRET), INTERPRET), _mm(q, INTERPRET), dk, input_precision=PRECISION)
     return dk, dv
@@ -286,86 +425,116 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
 
 @triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED,
                    stride_qb, stride_qm, stride_qh, stride_qd,
                    stride_kb, stride_kn, stride_kh, stride_kd,
                    stride_vb, stride_vn, stride_vh, stride_vd,
                    stride_dob, stride_dom, stride_doh, stride_dod,
                    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
                    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-                   NHEADS, GROUP, SEQ_Q, SEQ_K, sm_scale, qk_scale, SEQ_Q_BUCKET, SEQ_K_BUCKET,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+                   stride_lb, stride_lh, stride_kpm, stride_ab, stride_ah,
+                   NHEADS, GROUP, SEQ_Q, SEQ_K, sm_scale, qk_scale, win_left, win_right, dropout_p,
+                   SEQ_Q_BUCKET, SEQ_K_BUCKET,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     block_n, off_bhk = _tile(tl.cdiv(SEQ_K, BLOCK_N), False)
-    start_n = block_n * BLOCK_N
     nheads_kv = NHEADS // GROUP
     off_b = (off_bhk // nheads_kv).to(tl.int64)
     off_hk = (off_bhk % nheads_kv).to(tl.int64)
+    q_start, seq_q = _seq_bounds(CU_Q, off_b, SEQ_Q, IS_VARLEN)
+    k_start, seq_k = _seq_bounds(CU_K, off_b, SEQ_K, IS_VARLEN)
+    start_n = block_n * BLOCK_N
+    if start_n >= seq_k:
+        return
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                   offs_n, SEQ_K, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                   offs_n, SEQ_K, offs_d, HEAD_DIM, BLOCK_D, True)
+    k = _load_rows(K + off_b * stride_kb + k_start * stride_kn + off_hk * stride_kh
+                   + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + off_b * stride_vb + k_start * stride_vn + off_hk * stride_vh
+                   + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    key_kept = cols < seq_k
+    if HAS_KPM:
+        key_kept = tl.load(KPM + off_b * stride_kpm + cols, mask=cols < seq_k, other=0) != 0
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
 
-    # Query blocks [lo, full_lo) straddle the causal diagonal of this key block; [full_lo, SEQ_Q)
-    # see all of it.
-    diag = SEQ_K - SEQ_Q
-    lo = 0
-    full_lo = 0
-    if CAUSAL:
-        q_end = tl.cdiv(SEQ_Q, BLOCK_M) * BLOCK_M
-        lo = tl.minimum(tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M, q_end)
-        full_lo = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M, q_end)
-
+    diag = seq_k - seq_q
+    lo, full_lo, full_hi, hi = _query_blocks(start_n, seq_q, diag, win_left, win_right,
+                                             HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     for g in range(GROUP):
         off_h = off_hk * GROUP + g
         off_bh = off_b * NHEADS + off_h
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
-        if CAUSAL:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + off_bh * SEQ_Q, Delta + off_bh * SEQ_Q,
+        q_base = Q + off_b * stride_qb + q_start * stride_qm + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + q_start * stride_dom + off_h * stride_doh
+        lse_base = LSE + off_b * stride_lb + off_h * stride_lh + q_start
+        delta_base = Delta + off_b * stride_lb + off_h * stride_lh + q_start
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = -tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
+        rng_base = off_bh * SEQ_Q
+        if HAS_RIGHT:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
-                                     lo, full_lo, offs_m, offs_n, offs_d, SEQ_Q, diag, qk_scale,
-                                     True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + off_bh * SEQ_Q, Delta + off_bh * SEQ_Q,
+                                     lo, full_lo, offs_m, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left,
+                                     win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
+                                     True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
-                                 full_lo, SEQ_Q, offs_m, offs_n, offs_d, SEQ_Q, diag, qk_scale,
-                                 False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET)
+                                 full_lo, full_hi, offs_m, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left,
+                                 win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
+                                 False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET)
+        if HAS_LEFT:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     stride_qm, stride_qd, stride_dom, stride_dod,
+                                     full_hi, hi, offs_m, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left,
+                                     win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
+                                     True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET)
 
-    mask = (offs_n[:, None] < SEQ_K) & (offs_d[None, :] < HEAD_DIM)
+    mask = (cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
     dk *= sm_scale
-    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             _cast(dk, DK.dtype.element_ty, INTERPRET), mask=mask)
-    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             _cast(dv, DV.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(DK + off_b * stride_dkb + k_start * stride_dkn + off_hk * stride_dkh
+             + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, _cast(dk, DK.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(DV + off_b * stride_dvb + k_start * stride_dvn + off_hk * stride_dvh
+             + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, _cast(dv, DV.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                  lo, hi, offs_m, offs_n, offs_d, SEQ_K, diag, qk_scale,
-                  MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  lo, hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
+                  slope2, seed, rng_rows, SEQ_K, dropout_p,
+                  MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = _load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       cols, SEQ_K, offs_d, HEAD_DIM, BLOCK_D, MASK)
+                       cols, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
         v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                       cols, SEQ_K, offs_d, HEAD_DIM, BLOCK_D, MASK)
+                       cols, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
         qk = tl.dot(_mm(q, INTERPRET), _mm(tl.trans(k), INTERPRET), input_precision=PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        s = qk * qk_scale
+        if HAS_ALIBI:
+            s += _alibi(rows[:, None], cols[None, :], diag, slope2)
+        p = tl.math.exp2(s - lse2[:, None])
         if MASK:
-            keep = cols[None, :] < SEQ_K
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+            keep = _visible(rows[:, None], cols[None, :], seq_k, diag, win_left, win_right, kpm_base,
+                            HAS_LEFT, HAS_RIGHT, HAS_KPM)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(_mm(do, INTERPRET), _mm(tl.trans(v), INTERPRET), input_precision=PRECISION)
+        if DROPOUT:
+            kept = _dropout_keep(seed, rng_rows[:, None], cols[None, :], SEQ_K, dropout_p)
+            dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(_mm(_cast(ds, k.dtype, INTERPRET), INTERPRET), _mm(k, INTERPRET), dq, input_precision=PRECISION)
     return dq
@@ -373,107 +542,234 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
 
 @triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ,
+def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE, ALIBI, SEED,
                  stride_qb, stride_qm, stride_qh, stride_qd,
                  stride_kb, stride_kn, stride_kh, stride_kd,
                  stride_vb, stride_vn, stride_vh, stride_vd,
                  stride_dob, stride_dom, stride_doh, stride_dod,
                  stride_dqb, stride_dqm, stride_dqh, stride_dqd,
-                 NHEADS, GROUP, SEQ_Q, SEQ_K, sm_scale, qk_scale, SEQ_Q_BUCKET, SEQ_K_BUCKET,
-                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+                 stride_lb, stride_lh, stride_kpm, stride_ab, stride_ah,
+                 NHEADS, GROUP, SEQ_Q, SEQ_K, sm_scale, qk_scale, win_left, win_right, dropout_p,
+                 SEQ_Q_BUCKET, SEQ_K_BUCKET,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), CAUSAL)
+    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), HAS_RIGHT)
     off_b = (off_bh // NHEADS).to(tl.int64)
     off_h = (off_bh % NHEADS).to(tl.int64)
-    k_base = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
-    v_base = V + off_b * stride_vb + (off_h // GROUP) * stride_vh
+    q_start, seq_q = _seq_bounds(CU_Q, off_b, SEQ_Q, IS_VARLEN)
+    k_start, seq_k = _seq_bounds(CU_K, off_b, SEQ_K, IS_VARLEN)
+    first_row = start_m * BLOCK_M
+    if first_row >= seq_q:
+        return
+    k_base = K + off_b * stride_kb + k_start * stride_kn + (off_h // GROUP) * stride_kh
+    v_base = V + off_b * stride_vb + k_start * stride_vn + (off_h // GROUP) * stride_vh
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = first_row + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   offs_m, SEQ_Q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, offs_m, SEQ_Q, offs_d, HEAD_DIM, BLOCK_D, True)
-    row = off_bh.to(tl.int64) * SEQ_Q + offs_m
-    lse2 = tl.load(LSE + row, mask=offs_m < SEQ_Q, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + row, mask=offs_m < SEQ_Q, other=0.0)
+    q = _load_rows(Q + off_b * stride_qb + (q_start + rows[:, None]) * stride_qm + off_h * stride_qh
+                   + offs_d[None, :] * stride_qd, rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + off_b * stride_dob + (q_start + rows[:, None]) * stride_dom + off_h * stride_doh
+                    + offs_d[None, :] * stride_dod, rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    lse_ptrs = off_b * stride_lb + off_h * stride_lh + q_start + rows
+    lse2 = tl.load(LSE + lse_ptrs, mask=rows < seq_q, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + lse_ptrs, mask=rows < seq_q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    diag = SEQ_K - SEQ_Q
-    full_hi, hi = _key_blocks(start_m, SEQ_Q, SEQ_K, CAUSAL, BLOCK_M, BLOCK_N)
+    diag = seq_k - seq_q
+    kpm_base = KPM + off_b * stride_kpm
+    k_lo = 0
+    k_hi = seq_k
+    if HAS_KPM:
+        k_lo = tl.load(K_RANGE + 2 * off_b)
+        k_hi = tl.load(K_RANGE + 2 * off_b + 1)
+    lo, full_lo, full_hi, hi = _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, k_lo, k_hi,
+                                           HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_M, BLOCK_N)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = -tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    rng_rows = off_bh.to(tl.int64) * SEQ_Q + rows
+    if HAS_LEFT:
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           lo, full_lo, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
+                           slope2, seed, rng_rows, SEQ_K, dropout_p,
+                           True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       0, full_hi, offs_m, offs_n, offs_d, SEQ_K, diag, qk_scale,
-                       False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
+                       full_lo, full_hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
+                       slope2, seed, rng_rows, SEQ_K, dropout_p,
+                       False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       full_hi, hi, offs_m, offs_n, offs_d, SEQ_K, diag, qk_scale,
-                       True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
+                       full_hi, hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
+                       slope2, seed, rng_rows, SEQ_K, dropout_p,
+                       True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
     dq *= sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             _cast(dq, DQ.dtype.element_ty, INTERPRET), mask=(offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DQ + off_b * stride_dqb + (q_start + rows[:, None]) * stride_dqm + off_h * stride_dqh
+             + offs_d[None, :] * stride_dqd, _cast(dq, DQ.dtype.element_ty, INTERPRET),
+             mask=(rows[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), False)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rng_rows = off_bh.to(tl.int64) * SEQ_Q + rows  # as in the attention kernels
+    seed = tl.load(SEED)
+    for start_n in range(0, SEQ_K, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, rng_rows[:, None], cols[None, :], SEQ_K, dropout_p)
+        tl.store(OUT + rng_rows[:, None] * SEQ_K + cols[None, :], keep.to(tl.int8),
+                 mask=(rows[:, None] < SEQ_Q) & (cols[None, :] < SEQ_K))
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers
+# Launchers. Dense tensors are (batch, seqlen, nheads, headdim); packed (varlen) ones are
+# (total, nheads, headdim) and are viewed as one batch row whose batch stride is never used.
 # --------------------------------------------------------------------------------------------
 
 def _bucket(n):
     return triton.next_power_of_2(max(n, 16))
 
 
-def _common(q, k, causal):
-    batch, seq_q, nheads, head_dim = q.shape
-    seq_k, nheads_kv = k.shape[1], k.shape[2]
-    return dict(
-        NHEADS=nheads, GROUP=nheads // nheads_kv, SEQ_Q=seq_q, SEQ_K=seq_k,
+def _as_4d(x, varlen):
+    """A (batch, seqlen, nheads, headdim) view and its strides; packed tensors get batch stride 0."""
+    if not varlen:
+        return x, x.stride()
+    return x.unsqueeze(0), (0, *x.stride())
+
+
+def draw_dropout_seed(device):
+    """The Philox seed for one attention call, drawn from torch's generator for `device` (so that
+    torch.manual_seed reproduces it and activation checkpointing, which restores the RNG state,
+    replays the same mask). Stays on the device: no host sync, no graph break."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, dropout_p):
+    """Keep mask (batch, nheads, seqlen_q, seqlen_k) bool that the kernels apply for `seed`.
+    For tests. For packed sequences, seqlen_* are max_seqlen_* and indices are local to each sequence."""
+    out = torch.empty((batch, nheads, seqlen_q, seqlen_k), device=seed.device, dtype=torch.int8)
+    if out.numel():
+        _dropout_mask_kernel[(triton.cdiv(seqlen_q, 64) * batch * nheads,)](seed, out, seqlen_q, seqlen_k, dropout_p,
+                                                                             BLOCK_M=64, BLOCK_N=64)
+    return out.bool()
+
+
+def _key_range(key_padding_mask):
+    """(batch, 2) int32 [first, last + 1) of the attended keys of each batch row (empty: [0, 0)),
+    computed on the device so the kernels can skip the padding blocks without a host sync."""
+    kpm = key_padding_mask
+    idx = torch.arange(kpm.shape[1], device=kpm.device, dtype=torch.int32)
+    first = torch.where(kpm, idx, kpm.shape[1]).amin(1)
+    last = torch.where(kpm, idx + 1, 0).amax(1)
+    return torch.stack([torch.minimum(first, last), last], 1).to(torch.int32).contiguous()
+
+
+def _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, alibi_slopes, seed,
+              softmax_scale, window_left, window_right, dropout_p):
+    """Kernel arguments shared by the forward and both backward kernels."""
+    varlen = cu_seqlens_q is not None
+    nheads, head_dim = q.shape[-2], q.shape[-1]
+    seq_q = max_seqlen_q if varlen else q.shape[1]
+    seq_k = max_seqlen_k if varlen else k.shape[1]
+    dummy = q  # for pointers a disabled feature never reads
+    alibi = alibi_slopes
+    alibi_strides = (0, 0)
+    if alibi is not None:
+        alibi_strides = (alibi.stride(0), alibi.stride(1)) if alibi.dim() == 2 else (0, alibi.stride(0))
+    kpm = key_padding_mask
+    # lse and delta: (batch, nheads, seqlen_q), or (nheads, total_q) for packed sequences
+    lse_strides = (0, q.shape[0]) if varlen else (nheads * seq_q, seq_q)
+    ptrs = dict(CU_Q=cu_seqlens_q if varlen else dummy, CU_K=cu_seqlens_k if varlen else dummy,
+                KPM=kpm if kpm is not None else dummy,
+                K_RANGE=_key_range(kpm) if kpm is not None else dummy,
+                ALIBI=alibi if alibi is not None else dummy, SEED=seed if seed is not None else dummy)
+    args = dict(
+        stride_lb=lse_strides[0], stride_lh=lse_strides[1], stride_kpm=kpm.stride(0) if kpm is not None else 0,
+        stride_ab=alibi_strides[0], stride_ah=alibi_strides[1],
+        NHEADS=nheads, GROUP=nheads // k.shape[-2], SEQ_Q=seq_q, SEQ_K=seq_k,
+        qk_scale=softmax_scale * LOG2E, win_left=window_left, win_right=window_right, dropout_p=dropout_p,
         SEQ_Q_BUCKET=_bucket(seq_q), SEQ_K_BUCKET=_bucket(seq_k),
-        HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_VARLEN=varlen,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_KPM=kpm is not None,
+        HAS_ALIBI=alibi is not None, DROPOUT=dropout_p > 0.0,
         # fp32 inputs get true fp32 dots: tf32 would be ~1e-3 off, far from PyTorch's fp32 result.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=INTERPRET,
     )
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    return ptrs, args, batch
 
 
-def attention_forward(q, k, v, causal, softmax_scale):
-    """Returns out (batch, seq_q, nheads, headdim, contiguous) and lse (batch, nheads, seq_q) fp32."""
-    batch, seq_q, nheads, head_dim = q.shape
-    out = torch.empty((batch, seq_q, nheads, head_dim), device=q.device, dtype=q.dtype)
-    lse = torch.empty((batch, nheads, seq_q), device=q.device, dtype=torch.float32)
+def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
+                      query_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p):
+    """Returns out (shape of q, contiguous) and lse: (batch, nheads, seqlen_q), or (nheads, total_q) packed."""
+    varlen = cu_seqlens_q is not None
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    nheads = q.shape[-2]
+    lse_shape = (nheads, q.shape[0]) if varlen else (q.shape[0], nheads, q.shape[1])
+    lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    if k.shape[1] == 0:  # no keys at all: every row is empty
+    if k.numel() == 0:  # no keys at all: every row is empty
         return out.zero_(), lse.fill_(float("inf"))
-    meta = _common(q, k, causal)
-    grid = lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]) * batch * nheads,)
-    _attn_fwd[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                    qk_scale=softmax_scale * LOG2E, **meta)
+    ptrs, args, batch = _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
+                                  alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p)
+    qpm = query_padding_mask
+    (q4, qs), (k4, ks), (v4, vs), (o4, os_) = (_as_4d(t, varlen) for t in (q, k, v, out))
+    grid = lambda cfg: (triton.cdiv(args["SEQ_Q"], cfg["BLOCK_M"]) * batch * nheads,)
+    _attn_fwd[grid](q4, k4, v4, o4, lse, **ptrs, QPM=qpm if qpm is not None else q,
+                    stride_qpm=qpm.stride(0) if qpm is not None else 0, HAS_QPM=qpm is not None,
+                    **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_), **args)
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, dlse, causal, softmax_scale):
+def _strides(name, strides):
+    return {f"stride_{name}{axis}": s for axis, s in zip(("b", "m" if name in ("q", "o", "do", "dq") else "n", "h", "d"),
+                                                          strides)}
+
+
+def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p):
     """Returns dq, dk, dv (contiguous, in the input dtypes). dlse may be None."""
-    batch, seq_q, nheads, head_dim = q.shape
+    varlen = cu_seqlens_q is not None
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    meta = _common(q, k, causal)
+    ptrs, args, batch = _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
+                                  alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p)
+    nheads, nheads_kv = q.shape[-2], k.shape[-2]
+    (q4, qs), (k4, ks), (v4, vs), (o4, os_), (do4, dos) = (_as_4d(t, varlen) for t in (q, k, v, out, dout))
+    (dq4, dqs), (dk4, dks), (dv4, dvs) = (_as_4d(t, varlen) for t in (dq, dk, dv))
+
+    # delta is row-wise, so packed sequences are processed as one long row of total_q tokens.
     delta = torch.empty_like(lse)
-    block_pre = 64 if not INTERPRET else 32
-    _attn_bwd_preprocess[(triton.cdiv(seq_q, block_pre) * batch * nheads,)](
-        out, dout, dlse if dlse is not None else lse, delta, *out.stride(), *dout.stride(), nheads, seq_q,
-        HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=block_pre)
-    scales = dict(sm_scale=softmax_scale, qk_scale=softmax_scale * LOG2E)
-    nheads_kv = k.shape[2]
-    grid_kv = lambda cfg: (triton.cdiv(k.shape[1], cfg["BLOCK_N"]) * batch * nheads_kv,)
-    _attn_bwd_dkdv[grid_kv](q, k, v, dout, lse, delta, dk, dv,
-                            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-                            **scales, **meta)
-    grid_q = lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]) * batch * nheads,)
-    _attn_bwd_dq[grid_q](q, k, v, dout, lse, delta, dq,
-                         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-                         **scales, **meta)
+    rows = q.shape[0] if varlen else q.shape[1]
+    block_pre = 64
+    if dlse is not None:
+        dlse = dlse.contiguous()
+    _attn_bwd_preprocess[(triton.cdiv(rows, block_pre) * (1 if varlen else q.shape[0]) * nheads,)](
+        o4, do4, dlse if dlse is not None else lse, delta, *o4.stride(), *do4.stride(), nheads, rows,
+        HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=block_pre)
+
+    scales = dict(sm_scale=softmax_scale)
+    kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
+    grid_kv = lambda cfg: (triton.cdiv(args["SEQ_K"], cfg["BLOCK_N"]) * batch * nheads_kv,)
+    _attn_bwd_dkdv[grid_kv](q4, k4, v4, do4, lse, delta, dk4, dv4, **kv_ptrs,
+                            **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
+                            **_strides("dk", dks), **_strides("dv", dvs), **scales, **args)
+    grid_q = lambda cfg: (triton.cdiv(args["SEQ_Q"], cfg["BLOCK_M"]) * batch * nheads,)
+    _attn_bwd_dq[grid_q](q4, k4, v4, do4, lse, delta, dq4, **kv_ptrs, K_RANGE=ptrs["K_RANGE"],
+                         **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
+                         **_strides("dq", dqs), **scales, **args)
     return dq, dk, dv
 
 
@@ -483,43 +779,53 @@ def attention_backward(dout, q, k, v, out, lse, dlse, causal, softmax_scale):
 # --------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("hf_flash::attention_fwd", mutates_args=())
-def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                     softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, causal, softmax_scale)
+def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+                     cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+                     key_padding_mask: torch.Tensor | None, query_padding_mask: torch.Tensor | None,
+                     alibi_slopes: torch.Tensor | None, seed: torch.Tensor | None, softmax_scale: float,
+                     window_left: int, window_right: int, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
+                             query_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p)
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, causal, softmax_scale):
-    batch, seq_q, nheads, head_dim = q.shape
-    return q.new_empty((batch, seq_q, nheads, head_dim)), q.new_empty((batch, nheads, seq_q), dtype=torch.float32)
+def _(q, k, v, cu_seqlens_q, *args):
+    lse_shape = (q.shape[-2], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("hf_flash::attention_bwd", mutates_args=())
 def attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor, dlse: torch.Tensor | None, causal: bool,
-                     softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(dout, q, k, v, out, lse, dlse, causal, softmax_scale)
+                     lse: torch.Tensor, dlse: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+                     cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+                     key_padding_mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+                     seed: torch.Tensor | None, softmax_scale: float, window_left: int, window_right: int,
+                     dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p)
 
 
 @attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, causal, softmax_scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
+def _(dout, q, k, v, *args):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale = inputs
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, _query_padding_mask,
+     alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal = causal
-    ctx.softmax_scale = softmax_scale
+    # Padding queries need nothing here: their lse is +inf, so the backward gives them zero gradient.
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed)
+    ctx.config = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.softmax_scale)
-    return dq, dk, dv, None, None
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed = ctx.saved_tensors
+    max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p = ctx.config
+    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, key_padding_mask, alibi_slopes, seed, softmax_scale,
+                                  window_left, window_right, dropout_p)
+    return dq, dk, dv, *([None] * 12)
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
