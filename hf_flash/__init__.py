@@ -1,6 +1,8 @@
 """hf_flash: exact, IO-aware attention in Triton for Hugging Face Transformers."""
 
+from . import layouts
 from .interface import flash_attn_func, flash_attn_varlen_func
+from .layouts import BlockSparseLayout
 from .reference import attention_reference
 
 __version__ = "0.1.0"
@@ -8,4 +10,7 @@ __version__ = "0.1.0"
 ATTN_IMPLEMENTATION = "hf_triton"
 SPARSE_ATTN_IMPLEMENTATION = "hf_triton_sparse"
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "attention_reference", "ATTN_IMPLEMENTATION", "SPARSE_ATTN_IMPLEMENTATION"]
+__all__ = [
+    "BlockSparseLayout", "layouts", "flash_attn_func", "flash_attn_varlen_func", "attention_reference",
+    "ATTN_IMPLEMENTATION", "SPARSE_ATTN_IMPLEMENTATION",
+]

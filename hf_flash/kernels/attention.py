@@ -65,7 +65,8 @@ _BWD_DKDV_CONFIGS = _configs([  # BLOCK_M walks queries, BLOCK_N is the resident
 _BWD_DQ_CONFIGS = _configs([  # BLOCK_M is the resident Q tile, BLOCK_N walks keys
     (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 2), (32, 32, 8, 2),
 ])
-_TUNE_KEY = ["SEQ_Q_BUCKET", "SEQ_K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN"]
+_TUNE_KEY = ["SEQ_Q_BUCKET", "SEQ_K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN", "HAS_KPM", "HAS_ALIBI",
+             "DROPOUT"]
 _PRUNE = {"early_config_prune": _prune}
 
 
@@ -159,10 +160,23 @@ def _alibi(rows, cols, diag, slope2):
 
 
 @triton.jit
-def _dropout_keep(seed, rng_rows, cols, SEQ_K, dropout_p):
-    """Philox keep mask. Element (b, h, i, j) always draws counter (bh * SEQ_Q + i) * SEQ_K + j, in
-    the forward, both backward kernels and dropout_mask(), so they all see the same mask."""
-    return tl.rand(seed, rng_rows * SEQ_K + cols) >= dropout_p
+def _dropout_keep(seed, rng_rows, start_n, SEQ_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Philox keep mask of the (BLOCK_M query rows, BLOCK_N keys from start_n) tile.
+
+    One Philox call yields 128 bits = 8 draws of 16 bits: element (row, j) takes draw j % 8 of
+    counter (row, j // 8), where row = bh * SEQ_Q + i. The forward, both backward kernels and
+    dropout_mask() all build the same tiles, so they see the same mask. p is thus quantised to
+    1/65536 for the keep test, to ceil(p * 65536) / 65536 (the kept values are still scaled by exactly 1 / (1 - p)).
+    """
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    counters = rng_rows.to(tl.int64)[:, None] * tl.cdiv(SEQ_K, 8) + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    r0, r1, r2, r3 = r0.to(tl.uint32, bitcast=True), r1.to(tl.uint32, bitcast=True), \
+        r2.to(tl.uint32, bitcast=True), r3.to(tl.uint32, bitcast=True)
+    draws = tl.join(tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16)),
+                    tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16)))
+    draws = tl.reshape(draws, (BLOCK_M, BLOCK_N))
+    return draws.to(tl.float32) >= dropout_p * 65536.0
 
 
 @triton.jit
@@ -260,7 +274,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, rng_rows[:, None], cols[None, :], SEQ_K, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, rng_rows, start_n, SEQ_K, dropout_p, rows.shape[0], BLOCK_N), p, 0.0)
         v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                        cols, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
         acc = tl.dot(_mm(_cast(p, v.dtype, INTERPRET), INTERPRET), _mm(v, INTERPRET), acc, input_precision=PRECISION)
@@ -385,7 +399,7 @@ def _attn_bwd_preprocess(O, DO, DLSE, Delta,
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
-                    lo, hi, offs_m, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left, win_right, key_kept,
+                    lo, hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left, win_right, key_kept,
                     slope2, seed, rng_base, SEQ_K, dropout_p,
                     MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -411,7 +425,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                         rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
         dp_t = tl.dot(_mm(v, INTERPRET), _mm(tl.trans(do), INTERPRET), input_precision=PRECISION)
         if DROPOUT:
-            kept = _dropout_keep(seed, rng_base + rows[None, :], cols[:, None], SEQ_K, dropout_p)
+            kept = tl.trans(_dropout_keep(seed, rng_base + rows, start_n, SEQ_K, dropout_p, BLOCK_M, cols.shape[0]))
             p_drop_t = tl.where(kept, p_t / (1.0 - dropout_p), 0.0)
             dp_t = tl.where(kept, dp_t / (1.0 - dropout_p), 0.0)
         else:
@@ -482,20 +496,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
         if HAS_RIGHT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
-                                     lo, full_lo, offs_m, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left,
+                                     lo, full_lo, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left,
                                      win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
                                      True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
                                      HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
-                                 full_lo, full_hi, offs_m, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left,
+                                 full_lo, full_hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left,
                                  win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
                                  False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
                                  HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET)
         if HAS_LEFT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
-                                     full_hi, hi, offs_m, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left,
+                                     full_hi, hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left,
                                      win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
                                      True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
                                      HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET)
@@ -533,7 +547,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(_mm(do, INTERPRET), _mm(tl.trans(v), INTERPRET), input_precision=PRECISION)
         if DROPOUT:
-            kept = _dropout_keep(seed, rng_rows[:, None], cols[None, :], SEQ_K, dropout_p)
+            kept = _dropout_keep(seed, rng_rows, start_n, SEQ_K, dropout_p, rows.shape[0], BLOCK_N)
             dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(_mm(_cast(ds, k.dtype, INTERPRET), INTERPRET), _mm(k, INTERPRET), dq, input_precision=PRECISION)
@@ -624,7 +638,7 @@ def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constex
     seed = tl.load(SEED)
     for start_n in range(0, SEQ_K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, rng_rows[:, None], cols[None, :], SEQ_K, dropout_p)
+        keep = _dropout_keep(seed, rng_rows, start_n, SEQ_K, dropout_p, BLOCK_M, BLOCK_N)
         tl.store(OUT + rng_rows[:, None] * SEQ_K + cols[None, :], keep.to(tl.int8),
                  mask=(rows[:, None] < SEQ_Q) & (cols[None, :] < SEQ_K))
 
