@@ -39,17 +39,14 @@ DEVICE = "cuda"
 TOKENS, WIDTH = 16384, 2048  # batch * seqlen and nheads * headdim, fixed across rows
 
 
-def sdpa_backend(name):
-    from torch.nn.attention import SDPBackend
-    return getattr(SDPBackend, name)  # AttributeError (recorded as "—") on torch without it
-
-
-SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_mem_eff": "EFFICIENT_ATTENTION"}
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
+                 "sdpa_mem_eff": "EFFICIENT_ATTENTION"}
 
 
 def sdpa(q, k, v, causal, backend):
-    from torch.nn.attention import sdpa_kernel
-    with sdpa_kernel(sdpa_backend(backend)):  # pin one backend; SDPA would silently fall back otherwise
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    # Pin one backend, or SDPA silently falls back; a backend this torch lacks raises, recorded as "—".
+    with sdpa_kernel(getattr(SDPBackend, backend)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
@@ -97,13 +94,28 @@ def check(q, k, v, qt, kt, vt, causal):
     for name, a, b in (("dq", q, qt), ("dk", k, kt), ("dv", v, vt)):
         g_ref = b.grad.transpose(1, 2)
         res[f"max_rel_diff_{name}"] = ((a.grad - g_ref).abs().max() / g_ref.abs().max()).item()
-    for t in (q, k, v, qt, kt, vt):
+    for t in (q, k, v, qt, kt, vt):  # leave no grads behind to be accumulated into while timing
         t.grad = None
     tol_out = 1e-2 if q.dtype == torch.float16 else 5e-2
     diffs = [res["max_abs_diff_out"]] + [res[f"max_rel_diff_{n}"] for n in ("dq", "dk", "dv")]
     # generous bounds: they only need to catch a broken kernel, not grade accuracy
     res["ok"] = all(math.isfinite(d) for d in diffs) and diffs[0] <= tol_out and max(diffs[1:]) <= 0.1
     return res
+
+
+def time_method(fwd, leaves, args):
+    """Median forward ms, and backward ms on one retained forward graph (not fwd+bwd minus fwd)."""
+    def timed(fn, grads=None):
+        return do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grads, return_mode="median")
+
+    def bwd():
+        out = fwd()
+        dout = torch.randn_like(out)
+        return timed(lambda: out.backward(dout, retain_graph=True), leaves)
+
+    ms_f, err = attempt(lambda: timed(fwd))
+    ms_b, err = attempt(bwd) if ms_f is not None else (None, err)
+    return ms_f, ms_b, err
 
 
 def bench_config(dtype_name, headdim, seqlen, causal, args):
@@ -124,16 +136,7 @@ def bench_config(dtype_name, headdim, seqlen, causal, args):
         elif name not in methods:
             row["errors"][name] = "skipped: score matrix too large"
         else:
-            fwd, leaves = methods[name]
-            timed = lambda f, g=None: do_bench(f, warmup=args.warmup, rep=args.rep, grad_to_none=g, return_mode="median")  # noqa: E731
-            ms_f, row["errors"][name] = attempt(lambda: timed(fwd))
-
-            def bwd_ms():
-                out = fwd()
-                dout = torch.randn_like(out)
-                return timed(lambda: out.backward(dout, retain_graph=True), leaves)
-            if ms_f is not None:
-                ms_b, row["errors"][name] = attempt(bwd_ms)
+            ms_f, ms_b, row["errors"][name] = time_method(*methods[name], args)
         row["fwd_ms"][name], row["bwd_ms"][name] = ms_f, ms_b
         row["fwd_tflops"][name] = fwd_flops / (ms_f * 1e-3) / 1e12 if ms_f else None
         row["bwd_tflops"][name] = 2.5 * fwd_flops / (ms_b * 1e-3) / 1e12 if ms_b else None
@@ -153,11 +156,20 @@ def peak_memory(method, seqlen, dtype=torch.float16):
     shape = (1, seqlen, MEM_HEADS, MEM_HEADDIM) if method == "hf_flash" else (1, MEM_HEADS, seqlen, MEM_HEADDIM)
     q, k, v = (torch.randn(shape, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
     dout = torch.randn(shape, device=DEVICE, dtype=dtype)
+
+    def step():
+        out = hf_flash.flash_attn_func(q, k, v) if method == "hf_flash" else sdpa(q, k, v, False, "FLASH_ATTENTION")
+        out.backward(dout)
+
+    step()  # autotuning allocates a 256 MB cache-flush buffer: keep it out of the measured step
+    for t in (q, k, v):
+        t.grad = None
+    gc.collect()
+    torch.cuda.empty_cache()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated() + 3 * q.numel() * q.element_size()  # + the grads to come
     torch.cuda.reset_peak_memory_stats()
-    out = hf_flash.flash_attn_func(q, k, v) if method == "hf_flash" else sdpa(q, k, v, False, "FLASH_ATTENTION")
-    out.backward(dout)
+    step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     mib = 2**20
@@ -202,7 +214,8 @@ def markdown(results):
     if results.get("memory"):
         lines += ["", f"## Peak memory of one forward+backward (batch 1, {MEM_HEADS} heads, hd {MEM_HEADDIM}, "
                   "fp16, non-causal)", "", "Extra = peak minus inputs, dout and grads.", "",
-                  "| method | seqlen | peak MiB | extra MiB | extra MiB / 1K tokens | note |", "|---|---:|---:|---:|---:|---|"]
+                  "| method | seqlen | peak MiB | extra MiB | extra MiB / 1K tokens | note |",
+                  "|---|---:|---:|---:|---:|---|"]
         for m in results["memory"]:
             lines.append(f"| {m['method']} | {m['seqlen']} | {fmt(m.get('peak_mib'))} | {fmt(m.get('extra_mib'))} "
                          f"| {fmt(m.get('extra_mib_per_1k_tokens'), '.2f')} | {m.get('error', '')} |")
@@ -229,6 +242,7 @@ def plot(rows, path):
                     ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{m} {pas}", markersize=4)
         ax.set(xscale="log", xlabel="seqlen", ylabel="TFLOP/s", title=f"{sub[0]['dtype']} hd={hd} causal={causal}")
         ax.set_xticks([r["seqlen"] for r in sub], [str(r["seqlen"]) for r in sub])
+        ax.minorticks_off()  # log-axis minor labels (7x10^1 ...) clutter the seqlen ticks
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()

@@ -159,8 +159,8 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0,
     key_padding_mask = _check_padding_mask("key_padding_mask", key_padding_mask, batch, k.shape[1], q.device)
     query_padding_mask = _check_padding_mask("query_padding_mask", query_padding_mask, batch, q.shape[1], q.device)
     seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = _kernels.attention_fwd_op(q, k, v, None, None, q.shape[1], k.shape[1], key_padding_mask,
-                                         query_padding_mask, alibi_slopes, seed, scale, left, right, float(dropout_p))
+    out, lse = _kernels.run_attention(q, k, v, None, None, q.shape[1], k.shape[1], key_padding_mask,
+                                      query_padding_mask, alibi_slopes, seed, scale, left, right, float(dropout_p))
     return (out, lse) if return_lse else out
 
 
@@ -193,6 +193,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     batch = cu_seqlens_q.numel() - 1
     scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alibi_slopes)
     seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = _kernels.attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None,
-                                         None, alibi_slopes, seed, scale, left, right, float(dropout_p))
+    out, lse = _kernels.run_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None,
+                                      None, alibi_slopes, seed, scale, left, right, float(dropout_p))
     return (out, lse) if return_lse else out

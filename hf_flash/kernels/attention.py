@@ -833,13 +833,37 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, backward_fn=attention_bwd_op):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed = ctx.saved_tensors
     max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p = ctx.config
-    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, key_padding_mask, alibi_slopes, seed, softmax_scale,
-                                  window_left, window_right, dropout_p)
+    dq, dk, dv = backward_fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, key_padding_mask, alibi_slopes, seed, softmax_scale,
+                             window_left, window_right, dropout_p)
     return dq, dk, dv, *([None] * 12)
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same forward/backward without the custom-op dispatcher, which costs ~100 us of host time
+    per call in eager mode (more than the kernels themselves at short lengths)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = attention_forward(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, backward_fn=attention_backward)
+
+
+def run_attention(*inputs):
+    """(out, lse) = run_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    key_padding_mask, query_padding_mask, alibi_slopes, seed, softmax_scale, window_left,
+    window_right, dropout_p): the custom op under torch.compile, a plain autograd.Function eagerly."""
+    if torch.compiler.is_compiling():
+        return attention_fwd_op(*inputs)
+    return _EagerAttention.apply(*inputs)
