@@ -154,6 +154,23 @@ def _visible(rows, cols, seq_k, diag, win_left, win_right, kpm_base,
 
 
 @triton.jit
+def _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr):
+    """-slope * log2(e) of this (batch, head), so that the bias adds to scores in log2 units."""
+    if HAS_ALIBI:
+        return -tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
+    else:
+        return 0.0
+
+
+@triton.jit
+def _dropout_seed(SEED, DROPOUT: tl.constexpr):
+    if DROPOUT:
+        return tl.load(SEED)
+    else:
+        return 0
+
+
+@triton.jit
 def _alibi(rows, cols, diag, slope2):
     # flash-attn's ALiBi: -slope * |i + diag - j|, here in log2 units (slope2 = -slope * log2 e).
     return slope2 * tl.abs(rows + diag - cols).to(tl.float32)
@@ -180,7 +197,7 @@ def _dropout_keep(seed, rng_rows, start_n, SEQ_K, dropout_p, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, k_lo, k_hi,
+def _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, K_RANGE, off_b,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key range of a query block as lo <= full_lo <= full_hi <= hi.
@@ -201,9 +218,9 @@ def _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, k_lo, k_hi,
     if HAS_LEFT:
         lo = tl.maximum(first_row + diag - win_left, 0) // BLOCK_N * BLOCK_N
         full_lo = tl.cdiv(tl.maximum(last_row + diag - win_left, 0), BLOCK_N) * BLOCK_N
-    if HAS_KPM:
-        lo = tl.maximum(lo, k_lo // BLOCK_N * BLOCK_N)
-        hi = tl.minimum(hi, k_hi)
+    if HAS_KPM:  # [first, last + 1) of the attended keys of this batch row
+        lo = tl.maximum(lo, tl.load(K_RANGE + 2 * off_b) // BLOCK_N * BLOCK_N)
+        hi = tl.minimum(hi, tl.load(K_RANGE + 2 * off_b + 1))
         full_lo = lo
         full_hi = lo
     hi = tl.maximum(hi, lo)
@@ -317,19 +334,10 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
 
     diag = seq_k - seq_q
     kpm_base = KPM + off_b * stride_kpm
-    k_lo = 0
-    k_hi = seq_k
-    if HAS_KPM:
-        k_lo = tl.load(K_RANGE + 2 * off_b)
-        k_hi = tl.load(K_RANGE + 2 * off_b + 1)
-    lo, full_lo, full_hi, hi = _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, k_lo, k_hi,
+    lo, full_lo, full_hi, hi = _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, K_RANGE, off_b,
                                            HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_M, BLOCK_N)
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = -tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
+    slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
+    seed = _dropout_seed(SEED, DROPOUT)
     rng_rows = off_bh.to(tl.int64) * SEQ_Q + rows
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -475,9 +483,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
     key_kept = cols < seq_k
     if HAS_KPM:
         key_kept = tl.load(KPM + off_b * stride_kpm + cols, mask=cols < seq_k, other=0) != 0
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
+    seed = _dropout_seed(SEED, DROPOUT)
 
     diag = seq_k - seq_q
     lo, full_lo, full_hi, hi = _query_blocks(start_n, seq_q, diag, win_left, win_right,
@@ -489,9 +495,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
         do_base = DO + off_b * stride_dob + q_start * stride_dom + off_h * stride_doh
         lse_base = LSE + off_b * stride_lb + off_h * stride_lh + q_start
         delta_base = Delta + off_b * stride_lb + off_h * stride_lh + q_start
-        slope2 = 0.0
-        if HAS_ALIBI:
-            slope2 = -tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
+        slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
         rng_base = off_bh * SEQ_Q
         if HAS_RIGHT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
@@ -594,19 +598,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE, ALIBI, S
 
     diag = seq_k - seq_q
     kpm_base = KPM + off_b * stride_kpm
-    k_lo = 0
-    k_hi = seq_k
-    if HAS_KPM:
-        k_lo = tl.load(K_RANGE + 2 * off_b)
-        k_hi = tl.load(K_RANGE + 2 * off_b + 1)
-    lo, full_lo, full_hi, hi = _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, k_lo, k_hi,
+    lo, full_lo, full_hi, hi = _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, K_RANGE, off_b,
                                            HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_M, BLOCK_N)
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = -tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
+    slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
+    seed = _dropout_seed(SEED, DROPOUT)
     rng_rows = off_bh.to(tl.int64) * SEQ_Q + rows
     if HAS_LEFT:
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
