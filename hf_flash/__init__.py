@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 
 ATTN_IMPLEMENTATION = "hf_triton"
 SPARSE_ATTN_IMPLEMENTATION = "hf_triton_sparse"
+# Registers both names with transformers (AttentionInterface + AttentionMaskInterface); needs the names above.
+from . import integration  # noqa: E402
 
 __all__ = [
     "BlockSparseLayout", "layouts", "flash_attn_func", "flash_attn_varlen_func", "attention_reference",
