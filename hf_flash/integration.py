@@ -161,7 +161,9 @@ _last_decomposition = None
 
 def _plan_from_4d_cached(mask, batch, q_len, k_len, causal, sliding_window, position_ids):
     global _last_decomposition
-    key = (mask._version, batch, q_len, k_len, causal, sliding_window)
+    # Inference tensors have no version counter (and cannot change outside inference mode).
+    version = 0 if mask.is_inference() else mask._version
+    key = (version, batch, q_len, k_len, causal, sliding_window)
     if _last_decomposition is not None:
         mask_ref, positions_ref, last_key, plan = _last_decomposition
         if mask_ref() is mask and last_key == key and (
@@ -185,7 +187,8 @@ def _plan(attention_mask, batch, q_len, k_len, causal, sliding_window, kwargs):
                              f"({batch}, {k_len}), got {tuple(attention_mask.shape)}")
         if attention_mask.is_floating_point() or attention_mask.is_complex():
             raise TypeError(f"a 2-D attention_mask must be bool or integer (1 = attend), got {attention_mask.dtype}")
-        plan = _Plan(causal, _window(causal, sliding_window), attention_mask != 0)
+        key_padding = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+        plan = _Plan(causal, _window(causal, sliding_window), key_padding)
     elif attention_mask.dim() == 4:
         plan = _plan_from_4d_cached(attention_mask, batch, q_len, k_len, causal, sliding_window, position_ids)
     else:
@@ -261,7 +264,7 @@ def _run(q, k, v, plan, scale, dropout_p):
 def _check_call(module, kwargs):
     if kwargs.get("output_attentions"):
         raise ValueError("hf_triton never materialises the attention weights, so it cannot return them "
-                         f"(output_attentions=True); {_TRY_EAGER}")
+                         "(output_attentions=True); load the model with attn_implementation=\"eager\" to get them")
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"hf_triton does not support `{name}` (passed by "
@@ -287,8 +290,11 @@ def hf_triton_attention_forward(module, query, key, value, attention_mask, dropo
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = (t.to(dtype) if t.dtype == torch.float32 else t for t in (query, key, value))
     head_dim, v_head_dim = query.shape[-1], value.shape[-1]
-    if v_head_dim != head_dim:  # e.g. MLA: the kernels want one head dim; zero columns of v are exact
-        value = torch.nn.functional.pad(value, (0, head_dim - v_head_dim))
+    if v_head_dim != head_dim:
+        # e.g. MLA. The kernels take one head dim: zero columns (in v, or in q and k) leave the result exact.
+        scaling = head_dim ** -0.5 if scaling is None else scaling
+        width = max(head_dim, v_head_dim)
+        query, key, value = (torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in (query, key, value))
 
     batch, _, q_len, _ = query.shape
     plan = _plan(attention_mask, batch, q_len, key.shape[2], causal, sliding_window, kwargs)
