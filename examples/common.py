@@ -261,6 +261,25 @@ def load_tokenizer(args):
     return tokenizer
 
 
+def load_data(args, task, causal_lm):
+    """(tokenizer or None, train set, eval set, number of labels or None): the user's jsonl files with
+    the model's tokenizer, or the built-in task (mapped onto that tokenizer when --model is given)."""
+    tokenizer = load_tokenizer(args) if args.model is not None else None
+    if args.train_file is not None:
+        return (tokenizer, *user_datasets(args, tokenizer, causal_lm))
+    token_map = TokenMap(tokenizer, args.seed) if tokenizer is not None else None
+    train_set = SyntheticDataset(task.make, args.train_size, args.seed, "train", token_map)
+    eval_set = SyntheticDataset(task.make, args.eval_size, args.seed, "eval", token_map)
+    return tokenizer, train_set, eval_set, None
+
+
+def load_pretrained(auto_class, args, tokenizer, **kwargs):
+    model = auto_class.from_pretrained(args.model, attn_implementation=args.attn, **kwargs)
+    if model.config.pad_token_id is None:  # batches are padded; GPT-2 checkpoints name no pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def setup_model(model, args, tokenizer, lora_task_type, accelerator):
     """Position-table extension, attention, sparsity, gradient checkpointing and LoRA, in that order."""
     sparsity = parse_sparsity(args.sparsity)

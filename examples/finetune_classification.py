@@ -65,11 +65,7 @@ def build_model(args, num_labels, tokenizer):
                             max_position_embeddings=args.max_length, num_labels=num_labels, pad_token_id=0,
                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         return AutoModelForSequenceClassification.from_config(config, attn_implementation=args.attn)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=num_labels,
-                                                               attn_implementation=args.attn)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return common.load_pretrained(AutoModelForSequenceClassification, args, tokenizer, num_labels=num_labels)
 
 
 def main(argv=None):
@@ -80,14 +76,8 @@ def main(argv=None):
     accelerator = common.make_accelerator(args, gpu)
     task = Task(args.max_length, args.evidence)
 
-    tokenizer = common.load_tokenizer(args) if args.model is not None else None
-    if args.train_file is not None:
-        train_set, eval_set, num_labels = common.user_datasets(args, tokenizer, causal_lm=False)
-    else:
-        token_map = common.TokenMap(tokenizer, args.seed) if tokenizer is not None else None
-        train_set = common.SyntheticDataset(task.make, args.train_size, args.seed, "train", token_map)
-        eval_set = common.SyntheticDataset(task.make, args.eval_size, args.seed, "eval", token_map)
-        num_labels = 2
+    tokenizer, train_set, eval_set, num_labels = common.load_data(args, task, causal_lm=False)
+    num_labels = num_labels or 2  # the built-in task is binary
     with accelerator.main_process_first():
         model = build_model(args, num_labels, tokenizer)
     model = common.setup_model(model, args, tokenizer, "SEQ_CLS", accelerator)

@@ -82,10 +82,7 @@ def build_model(args, tokenizer):
                             n_layer=args.layers, n_head=args.heads, bos_token_id=BOS, eos_token_id=EOS,
                             pad_token_id=common.PAD, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         return AutoModelForCausalLM.from_config(config, attn_implementation=args.attn)
-    model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation=args.attn)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return common.load_pretrained(AutoModelForCausalLM, args, tokenizer)
 
 
 def main(argv=None):
@@ -100,13 +97,7 @@ def main(argv=None):
     accelerator = common.make_accelerator(args, gpu)
     task = Task(args.max_length, args.queries, args.pairs)
 
-    tokenizer = common.load_tokenizer(args) if args.model is not None else None
-    if args.train_file is not None:
-        train_set, eval_set, _ = common.user_datasets(args, tokenizer, causal_lm=True)
-    else:
-        token_map = common.TokenMap(tokenizer, args.seed) if tokenizer is not None else None
-        train_set = common.SyntheticDataset(task.make, args.train_size, args.seed, "train", token_map)
-        eval_set = common.SyntheticDataset(task.make, args.eval_size, args.seed, "eval", token_map)
+    tokenizer, train_set, eval_set, _ = common.load_data(args, task, causal_lm=True)
     with accelerator.main_process_first():
         model = build_model(args, tokenizer)
     model = common.setup_model(model, args, tokenizer, "CAUSAL_LM", accelerator)
