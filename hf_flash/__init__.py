@@ -1,7 +1,7 @@
 """hf_flash: exact, IO-aware attention in Triton for Hugging Face Transformers."""
 
 from . import layouts
-from .interface import flash_attn_func, flash_attn_varlen_func
+from .interface import block_sparse_attn_func, flash_attn_func, flash_attn_varlen_func
 from .layouts import BlockSparseLayout
 from .reference import attention_reference
 
@@ -15,7 +15,7 @@ from . import integration  # noqa: E402
 from .patches import patch, patch_transformers, unpatch, unpatch_transformers  # noqa: E402
 
 __all__ = [
-    "BlockSparseLayout", "layouts", "flash_attn_func", "flash_attn_varlen_func", "attention_reference",
+    "BlockSparseLayout", "layouts", "block_sparse_attn_func", "flash_attn_func", "flash_attn_varlen_func", "attention_reference",
     "ATTN_IMPLEMENTATION", "SPARSE_ATTN_IMPLEMENTATION", "patch", "patch_transformers", "unpatch",
     "unpatch_transformers",
 ]

@@ -32,7 +32,7 @@ from transformers.masking_utils import (bidirectional_mask_function, causal_mask
                                         sdpa_mask)
 
 from . import ATTN_IMPLEMENTATION, SPARSE_ATTN_IMPLEMENTATION, layouts
-from .interface import flash_attn_func, flash_attn_varlen_func
+from .interface import block_sparse_attn_func, flash_attn_func, flash_attn_varlen_func
 from .kernels import attention as _kernels
 from .reference import attention_reference, varlen_attention_reference, visibility_mask
 
@@ -271,18 +271,10 @@ def _check_call(module, kwargs):
                                       f"{type(module).__name__}); {_TRY_EAGER} model")
 
 
-def hf_triton_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                                is_causal=None, sliding_window=None, **kwargs):
-    """AttentionInterface entry for "hf_triton".
+def _prepare(module, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, kwargs):
+    """Shared by both entries: checks, autocast, head-dim padding, the mask plan, (batch, seq, heads, dim) views.
 
-    query: (batch, heads, seq_q, dim); key, value: (batch, kv_heads, seq_k, dim) (GQA/MQA run natively, without
-    repeating k/v). attention_mask: see the module docstring. dropout applies only while `module.training`.
-    scaling: the softmax scale (GPT-2 folds scale_attn_by_inverse_layer_idx into it); None = 1/sqrt(dim).
-    Returns (attn_output (batch, seq_q, heads, dim), None).
-
-    fp32 q/k/v under autocast are cast to the autocast dtype, as transformers' flash path does; outside autocast
-    fp32 runs in fp32.
-    """
+    Returns (q, k, v, plan, scale, dropout_p, v_head_dim)."""
     _check_call(module, kwargs)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     device_type = query.device.type
@@ -302,10 +294,25 @@ def hf_triton_attention_forward(module, query, key, value, attention_mask, dropo
     if plan.n_keys is not None and plan.n_keys < k.shape[1]:
         k, v = k[:, :plan.n_keys], v[:, :plan.n_keys]
     dropout_p = float(dropout) if getattr(module, "training", False) else 0.0
-    out = _run(q, k, v, plan, None if scaling is None else float(scaling), dropout_p)
-    if v_head_dim != head_dim:
-        out = out[..., :v_head_dim]
-    return out, None
+    return q, k, v, plan, None if scaling is None else float(scaling), dropout_p, v_head_dim
+
+
+def hf_triton_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                is_causal=None, sliding_window=None, **kwargs):
+    """AttentionInterface entry for "hf_triton".
+
+    query: (batch, heads, seq_q, dim); key, value: (batch, kv_heads, seq_k, dim) (GQA/MQA run natively, without
+    repeating k/v). attention_mask: see the module docstring. dropout applies only while `module.training`.
+    scaling: the softmax scale (GPT-2 folds scale_attn_by_inverse_layer_idx into it); None = 1/sqrt(dim).
+    Returns (attn_output (batch, seq_q, heads, dim), None).
+
+    fp32 q/k/v under autocast are cast to the autocast dtype, as transformers' flash path does; outside autocast
+    fp32 runs in fp32.
+    """
+    q, k, v, plan, scale, dropout_p, v_head_dim = _prepare(module, query, key, value, attention_mask, dropout, scaling,
+                                                           is_causal, sliding_window, kwargs)
+    out = _run(q, k, v, plan, scale, dropout_p)
+    return out[..., :v_head_dim], None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +361,7 @@ def check_sparsity(sparsity):
 
 
 @lru_cache(maxsize=64)
-def _cached_layout(items, seqlen_q, seqlen_k, device, causal):
+def _cached_layout(items, seqlen_q, seqlen_k, device):
     spec = dict(items)
     device = torch.device(device)
     size = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k, block_size=spec["block"], device=device)
@@ -363,36 +370,50 @@ def _cached_layout(items, seqlen_q, seqlen_k, device, causal):
     else:
         layout = layouts.bigbird(spec["window"], spec["global"], spec.get("random", 0), seed=spec.get("seed", 0),
                                  **size)
-    return layout & layouts.causal(**size) if causal else layout
+    return layout
 
 
-def sparsity_layout(sparsity, seqlen_q, seqlen_k, device, causal=False):
+def sparsity_layout(sparsity, seqlen_q, seqlen_k, device):
     """The BlockSparseLayout that `config.hf_flash_sparsity` describes for these lengths, built on `device` and
-    cached per (sparsity, lengths, device, causal)."""
+    cached per (sparsity, lengths, device). Decoders apply causality on top, in the kernel."""
     checked = check_sparsity(sparsity)
-    return _cached_layout(tuple(sorted(checked.items())), int(seqlen_q), int(seqlen_k), str(torch.device(device)),
-                          bool(causal))
+    return _cached_layout(tuple(sorted(checked.items())), int(seqlen_q), int(seqlen_k), str(torch.device(device)))
 
 
 def hf_triton_sparse_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                        is_causal=None, sliding_window=None, **kwargs):
-    """AttentionInterface entry for "hf_triton_sparse": builds (and caches) the layout from the model config.
+    """AttentionInterface entry for "hf_triton_sparse": block-sparse attention with the layout that
+    `config.hf_flash_sparsity` describes (built per sequence length and device, and cached), intersected
+    with the causal mask for decoders, and with key padding from the attention mask.
 
-    The block-sparse kernel does not exist yet, so after building the layout this raises NotImplementedError:
-    it never falls back to dense attention silently.
+    Arguments and return as hf_triton_attention_forward. Self-attention over the whole sequence only: packed
+    sequences, sliding windows and KV-cache decoding (seq_q != seq_k) raise, since the layout is defined on
+    the square of one sequence's blocks.
     """
-    _check_call(module, kwargs)
     config = getattr(module, "config", None)
     if getattr(config, SPARSITY_CONFIG_KEY, None) is None:
         raise ValueError(f"attn_implementation=\"{SPARSE_ATTN_IMPLEMENTATION}\" needs the layout in the model config, "
                          f"e.g. config.{SPARSITY_CONFIG_KEY} = {{'pattern': 'bigbird', 'block': 128, 'window': 3, "
                          f"'global': 1, 'random': 2}} (saved and loaded with the config)")
-    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    layout = sparsity_layout(getattr(config, SPARSITY_CONFIG_KEY), query.shape[2], key.shape[2], query.device, causal)
-    raise NotImplementedError(
-        f"block-sparse kernel not implemented yet; attn_implementation=\"{SPARSE_ATTN_IMPLEMENTATION}\" built the "
-        f"layout {layout!r} from config.{SPARSITY_CONFIG_KEY} but cannot run it. Use "
-        f"attn_implementation=\"{ATTN_IMPLEMENTATION}\" (dense) until it lands.")
+    q, k, v, plan, scale, dropout_p, v_head_dim = _prepare(module, query, key, value, attention_mask, dropout, scaling,
+                                                           is_causal, sliding_window, kwargs)
+    unsupported = ("packed sequences (cu_seq_lens / position_ids restarts)" if plan.cu_seqlens_q is not None else
+                   "a sliding window" if plan.window[0] >= 0 else
+                   f"seq_q ({q.shape[1]}) != seq_k ({k.shape[1]}) (KV-cache decoding or cross-attention)"
+                   if q.shape[1] != k.shape[1] else None)
+    if unsupported:
+        raise NotImplementedError(f"attn_implementation=\"{SPARSE_ATTN_IMPLEMENTATION}\" does not support {unsupported}; "
+                                  f"use \"{ATTN_IMPLEMENTATION}\" (dense) for this call")
+    layout = sparsity_layout(getattr(config, SPARSITY_CONFIG_KEY), q.shape[1], k.shape[1], q.device)
+    if _runs_kernels(q.device):
+        out = block_sparse_attn_func(q, k, v, layout, causal=plan.causal, softmax_scale=scale, dropout_p=dropout_p,
+                                     key_padding_mask=plan.key_padding)
+    else:
+        keep = (_keep_mask(dropout_p, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device)
+                if dropout_p > 0 else None)
+        out = attention_reference(q, k, v, causal=plan.causal, softmax_scale=scale, key_padding_mask=plan.key_padding,
+                                  dropout_p=dropout_p, dropout_mask=keep, attn_mask=layout.to_dense_elements())[0]
+    return out[..., :v_head_dim], None
 
 
 # ---------------------------------------------------------------------------------------------

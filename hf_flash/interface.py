@@ -1,10 +1,12 @@
-"""Public attention functions: argument checks and documentation in front of the Triton kernels."""
+"""Public attention functions (dense, packed, block-sparse): argument checks and documentation in front of the
+Triton kernels."""
 
 import math
 
 import torch
 
 from .kernels import attention as _kernels
+from .layouts import BlockSparseLayout
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -160,7 +162,8 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0,
     query_padding_mask = _check_padding_mask("query_padding_mask", query_padding_mask, batch, q.shape[1], q.device)
     seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
     out, lse = _kernels.run_attention(q, k, v, None, None, q.shape[1], k.shape[1], key_padding_mask,
-                                      query_padding_mask, alibi_slopes, seed, scale, left, right, float(dropout_p))
+                                      query_padding_mask, alibi_slopes, seed, scale, left, right, float(dropout_p),
+                                      [], 0, 0)
     return (out, lse) if return_lse else out
 
 
@@ -194,5 +197,51 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alibi_slopes)
     seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
     out, lse = _kernels.run_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None,
-                                      None, alibi_slopes, seed, scale, left, right, float(dropout_p))
+                                      None, alibi_slopes, seed, scale, left, right, float(dropout_p), [], 0, 0)
+    return (out, lse) if return_lse else out
+
+
+def _check_layout(layout, q, k):
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a hf_flash.BlockSparseLayout (see hf_flash.layouts), got {type(layout).__name__}")
+    if (layout.seqlen_q, layout.seqlen_k) != (q.shape[1], k.shape[1]):
+        raise ValueError(f"layout is for seqlen_q={layout.seqlen_q}, seqlen_k={layout.seqlen_k}, but q and k have "
+                         f"{q.shape[1]} and {k.shape[1]} tokens")
+    if layout.device != q.device:
+        raise ValueError(f"layout must be on {q.device} (layout.to(device)), got {layout.device}")
+    batch, heads = layout.shape[:2]
+    if batch not in (1, q.shape[0]) or heads not in (1, q.shape[2]):
+        raise ValueError(f"layout has batch {batch} and heads {heads}; they must be 1 (shared) or those of q "
+                         f"({q.shape[0]}, {q.shape[2]})")
+
+
+def block_sparse_attn_func(q, k, v, layout, *, causal=False, softmax_scale=None, dropout_p=0.0,
+                           key_padding_mask=None, return_lse=False):
+    """Exact attention restricted to the blocks a BlockSparseLayout keeps; the others are skipped.
+
+    Arguments:
+        q, k, v: as in flash_attn_func ((batch, seqlen, nheads, headdim), GQA allowed).
+        layout: hf_flash.BlockSparseLayout for (seqlen_q, seqlen_k) on q's device, shared (batch
+            and heads 1) or per batch row / per query head. Query i attends key j iff the layout
+            attends (i, j) (its block is full, or partial and its mask_mod holds) and any other mask
+            below allows it. The forward and dQ visit only the kept key blocks of each query block,
+            dK/dV only the kept query blocks of each key block; element masks are applied only in
+            partial blocks. Build it once and reuse it: its kernel lists are cached on it.
+        causal: also apply the bottom-right aligned causal mask (as flash_attn_func); blocks above
+            the diagonal are skipped even when the layout keeps them.
+        softmax_scale, dropout_p, key_padding_mask, return_lse: as in flash_attn_func.
+    A row that attends no key outputs 0, with lse +inf and zero gradient.
+
+    Returns:
+        out: (batch, seqlen_q, nheads, headdim); with return_lse, (out, lse (batch, nheads, seqlen_q)).
+    """
+    _check_qkv(q, k, v, ndim=4)
+    _check_layout(layout, q, k)
+    batch = q.shape[0]
+    scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, (-1, -1), None)
+    key_padding_mask = _check_padding_mask("key_padding_mask", key_padding_mask, batch, k.shape[1], q.device)
+    layout_tensors, block_q, block_k = layout.kernel_tensors(causal)
+    seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
+    out, lse = _kernels.run_attention(q, k, v, None, None, q.shape[1], k.shape[1], key_padding_mask, None, None,
+                                      seed, scale, left, right, float(dropout_p), layout_tensors, block_q, block_k)
     return (out, lse) if return_lse else out

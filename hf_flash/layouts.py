@@ -419,6 +419,44 @@ class BlockSparseLayout:
         empty = torch.zeros(0, self.block_q, self.block_k, dtype=torch.bool, device=self.device)
         return tile_index, torch.cat([empty, *tiles])
 
+    def kernel_tensors(self, causal: bool = False) -> tuple[list[Tensor], int, int]:
+        """What the block-sparse kernels read, built once per `causal` and cached on the layout.
+
+        Returns ([kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
+        full_q_num_blocks, full_q_indices, tile_index, tiles], block_q, block_k) where, unlike the layout's
+        own lists, blocks that are full but cross the causal diagonal (with causal) or hold the ragged
+        end of the keys are listed as partial, and blocks wholly above the diagonal are dropped: the
+        kernels mask causality and sequence ends only in partial blocks. tile_index (B, H, n_q_blocks,
+        n_kv_blocks) int32 points partial blocks that carry a mask_mod to their element mask in tiles
+        (P, block_q, ceil(block_k / 32)) int32, bit j of word w being key w * 32 + j of the block;
+        -1 elsewhere. Both are empty when the layout has no mask_mod.
+        """
+        cache = self.__dict__.setdefault("_kernel_tensors", {})
+        if bool(causal) not in cache:
+            kept, full = self.to_dense(), self.to_dense("full")
+            if causal:
+                q_first, q_last, kv_first, kv_last = _token_ranges(self.seqlen_q, self.seqlen_k, self.block_q,
+                                                                   self.block_k, self.device)
+                diagonal = self.seqlen_k - self.seqlen_q
+                kept = kept & (kv_first <= q_last + diagonal)
+                full = full & (kv_last <= q_first + diagonal)
+            if self.seqlen_k % self.block_k:
+                full = full.clone()
+                full[..., -1] = False
+            plan = BlockSparseLayout.from_block_masks(full, kept, self.seqlen_q, self.seqlen_k, self.block_size)
+            lists = [getattr(plan, name) for name in _CSR_FIELDS]
+            if self.mask_mod is None:
+                tile_index = tiles = torch.zeros(0, dtype=torch.int32, device=self.device)
+            else:
+                tile_index, masks = self.partial_block_masks()
+                words = -(-self.block_k // 32)
+                masks = torch.nn.functional.pad(masks, (0, words * 32 - self.block_k))
+                bits = masks.view(*masks.shape[:2], words, 32).to(torch.int64) << torch.arange(32, device=self.device)
+                packed = bits.sum(-1)
+                tiles = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+            cache[bool(causal)] = ([t.contiguous() for t in (*lists, tile_index, tiles)], self.block_q, self.block_k)
+        return cache[bool(causal)]
+
     @property
     def density(self) -> float:
         """Fraction of the n_q_blocks x n_kv_blocks block grid that is kept (causal: about 0.5)."""

@@ -59,7 +59,8 @@ def alibi_bias(alibi_slopes, seqlen_q, seqlen_k):
 
 
 def attention_reference(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), alibi_slopes=None,
-                        key_padding_mask=None, query_padding_mask=None, dropout_p=0.0, dropout_mask=None):
+                        key_padding_mask=None, query_padding_mask=None, dropout_p=0.0, dropout_mask=None,
+                        attn_mask=None):
     """Attention computed in the dtype of its inputs (pass float64 tensors for a reference).
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_kv, headdim), nheads a
@@ -69,6 +70,8 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, window_siz
     alibi_slopes: (nheads,) or (batch, nheads); adds -slope * |i + diag - j| to the scaled scores.
     dropout_mask: (batch, nheads, seqlen_q, seqlen_k) bool keep mask, applied to the normalised
         probabilities with kept ones scaled by 1 / (1 - dropout_p); required when dropout_p > 0.
+    attn_mask: bool, broadcastable to (batch, nheads, seqlen_q, seqlen_k), True = attend: any further
+        element mask (a block-sparse layout's `to_dense_elements()`), combined with the others.
     Returns out (batch, seqlen_q, nheads, headdim) and lse (batch, nheads, seqlen_q), the
     log-sum-exp of the scaled, biased scores before dropout; rows that see no key give out = 0 and
     lse = +inf.
@@ -88,6 +91,8 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, window_siz
     mask = visibility_mask(seqlen_q, seqlen_k, causal=causal, window_size=window_size,
                            key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
                            device=q.device)
+    if attn_mask is not None:
+        mask = mask & attn_mask.to(q.device)
     has_key = mask.any(-1, keepdim=True)  # (batch or 1, 1, seqlen_q, 1)
     scores = scores.masked_fill(~mask, float("-inf"))
     scores = torch.where(has_key, scores, 0.0)  # keep softmax and its gradient finite on empty rows

@@ -373,21 +373,20 @@ def test_cpu_without_interpreter_falls_back_with_one_warning(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# "hf_triton_sparse": config plumbing only until the block-sparse kernel exists
+# "hf_triton_sparse": the layout from config.hf_flash_sparsity
 # ---------------------------------------------------------------------------------------------
 
 SPARSITY = {"pattern": "bigbird", "block": 16, "window": 1, "global": 1, "random": 1}
 
 
-def test_sparsity_config_round_trips_and_forward_refuses_clearly(tmp_path):
+def test_sparsity_config_round_trips_and_is_required(tmp_path):
     config = bert_config()
     config.hf_flash_sparsity = dict(SPARSITY)
     transformers.BertModel(config).save_pretrained(tmp_path)
     model = transformers.BertModel.from_pretrained(tmp_path, attn_implementation="hf_triton_sparse").to(DEVICE)
     assert model.config._attn_implementation == "hf_triton_sparse"
     assert model.config.hf_flash_sparsity == SPARSITY
-    with pytest.raises(NotImplementedError, match="block-sparse kernel not implemented yet"):
-        model(input_ids=torch.randint(2, VOCAB, (1, 40), device=DEVICE))
+    assert torch.isfinite(model(input_ids=torch.randint(2, VOCAB, (1, 40), device=DEVICE)).last_hidden_state).all()
     del model.config.hf_flash_sparsity
     with pytest.raises(ValueError, match="hf_flash_sparsity"):
         model(input_ids=torch.randint(2, VOCAB, (1, 40), device=DEVICE))
@@ -399,12 +398,67 @@ def test_sparsity_layouts_are_validated_built_and_cached():
     assert integration.sparsity_layout(SPARSITY, 80, 80, DEVICE).n_q_blocks == 5
     expected = hf_flash.layouts.bigbird(1, 1, 1, 64, 64, block_size=16, device=DEVICE)
     assert torch.equal(layout.to_dense(), expected.to_dense())
-    causal = integration.sparsity_layout(SPARSITY, 64, 64, DEVICE, causal=True)
-    assert not causal.to_dense_elements()[..., 0, 1].any()
     for bad, message in [({"pattern": "dense"}, "pattern"), ({**SPARSITY, "block": 24}, "power of two"),
                          ({**SPARSITY, "windows": 2}, "windows"), ({**SPARSITY, "random": -1}, "random")]:
         with pytest.raises(ValueError, match=message):
             integration.check_sparsity(bad)
+
+
+def _sparse_models(family, sparsity):
+    model_class, config, pad_id = MODELS[family]
+    config = config()
+    config.hf_flash_sparsity = sparsity
+    return build(model_class, config, ("eager", "hf_triton", "hf_triton_sparse")), pad_id
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_sparse_layout_matches_the_plain_pytorch_reference(family, monkeypatch):
+    """A bigbird layout on 48 tokens (3 blocks of 16, so some blocks are skipped), left and right padding: the
+    kernels against the float64 plain-PyTorch path (the CPU fallback, which applies layout.to_dense_elements())."""
+    models, pad_id = _sparse_models(family, {"pattern": "bigbird", "block": 16, "window": 0, "global": 1,
+                                             "random": 0})
+    mask = padding_mask("mixed", seqlen=48)
+    ids = token_ids(mask, pad_id)
+    valid = mask.bool()
+    sparse = models["hf_triton_sparse"]
+    reference = copy.deepcopy(sparse)
+    with monkeypatch.context() as patch:  # outside the interpreter, CPU tensors take the plain-PyTorch path
+        patch.setattr(kernels, "INTERPRET", False)
+        patch.setattr(integration, "_warned_fallback", True)
+        ref_logits, ref_grads = logits_and_grads(reference.cpu(), torch.float64, valid, input_ids=ids,
+                                                 attention_mask=mask)
+    ref_logits, ref_grads = ref_logits.to(DEVICE), {n: g.to(DEVICE) for n, g in ref_grads.items()}
+    pt_logits, pt_grads = logits_and_grads(reference.to(DEVICE), DTYPES[-1], valid, input_ids=ids, attention_mask=mask)
+    logits, grads = logits_and_grads(sparse, DTYPES[-1], valid, input_ids=ids, attention_mask=mask)
+    dense_logits, _ = logits_and_grads(models["hf_triton"], DTYPES[-1], valid, input_ids=ids, attention_mask=mask)
+    assert (logits - dense_logits).abs().max() > 1e-3, "the layout must change the result (some blocks skipped)"
+    assert_close_2x(logits, ref_logits, pt_logits, "logits")
+    for name in ref_grads:
+        assert_close_2x(grads[name], ref_grads[name], pt_grads[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_fully_dense_sparse_layout_matches_hf_triton(family):
+    """A window covering every block: "hf_triton_sparse" computes what "hf_triton" does, with padding."""
+    models, pad_id = _sparse_models(family, {"pattern": "local", "block": 16, "window": 4})
+    mask = padding_mask("mixed", seqlen=40)
+    ids = token_ids(mask, pad_id)
+    dense_logits, dense_grads = logits_and_grads(models["hf_triton"], DTYPES[-1], mask.bool(), input_ids=ids,
+                                                 attention_mask=mask)
+    logits, grads = logits_and_grads(models["hf_triton_sparse"], DTYPES[-1], mask.bool(), input_ids=ids,
+                                     attention_mask=mask)
+    tol = dict(rtol=1e-4, atol=1e-5) if DTYPES[-1] == FP32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(logits, dense_logits, **tol)
+    for name in dense_grads:
+        torch.testing.assert_close(grads[name], dense_grads[name], **tol)
+
+
+def test_sparse_refuses_what_a_layout_cannot_express():
+    models, _ = _sparse_models("gpt2", dict(SPARSITY))
+    model = models["hf_triton_sparse"].to(DEVICE)
+    ids = torch.randint(2, VOCAB, (1, 20), device=DEVICE)
+    with pytest.raises(NotImplementedError, match=r"seq_q \(1\) != seq_k \(21\)"):
+        model.generate(ids, max_new_tokens=2, do_sample=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -105,8 +105,7 @@ def test_sparsity_goes_to_the_config():
     model = hf_flash.patch(tiny("bert"), sparsity={"pattern": "local", "block": 16})
     assert model.config._attn_implementation == "hf_triton_sparse"
     assert model.config.hf_flash_sparsity == {"pattern": "local", "block": 16, "window": 1, "global": 0}
-    with pytest.raises(NotImplementedError, match="block-sparse kernel"):
-        model(tokens(8))
+    assert torch.isfinite(model(tokens(OLD)).logits).all()
     hf_flash.unpatch(model)
     assert not hasattr(model.config, "hf_flash_sparsity")
 

@@ -39,8 +39,9 @@ MAX_HEADDIM = 256
 # --------------------------------------------------------------------------------------------
 
 def _configs(candidates):
-    if INTERPRET:  # one small config: the interpreter is slow and autotuning it means nothing
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    if INTERPRET:  # small configs, never timed: the interpreter is slow and autotuning it means nothing
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1) for m, n in
+                ((64, 32), (32, 32), (16, 16))]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
 
 
@@ -53,7 +54,11 @@ def _prune(configs, named_args, **kwargs):
         max_tile = 128 * 64 if row_bytes <= 512 else 64 * 32
         kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile and c.num_stages <= 2]
         kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return kept if AUTOTUNE else kept[:1]
+    if args["SPARSE"]:  # a kernel tile must lie inside one layout block
+        fits = [c for c in kept if c.kwargs["BLOCK_M"] <= args["LAYOUT_BQ"] and c.kwargs["BLOCK_N"] <= args["LAYOUT_BK"]]
+        kept = fits or [triton.Config({"BLOCK_M": min(64, args["LAYOUT_BQ"]), "BLOCK_N": min(32, args["LAYOUT_BK"])},
+                                      num_warps=4, num_stages=2)]
+    return kept if AUTOTUNE and not INTERPRET else kept[:1]
 
 
 _FWD_CONFIGS = _configs([
@@ -66,7 +71,7 @@ _BWD_DQ_CONFIGS = _configs([  # BLOCK_M is the resident Q tile, BLOCK_N walks ke
     (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 2), (32, 32, 8, 2),
 ])
 _TUNE_KEY = ["SEQ_Q_BUCKET", "SEQ_K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN", "HAS_KPM", "HAS_ALIBI",
-             "DROPOUT"]
+             "DROPOUT", "SPARSE", "HAS_TILES", "LAYOUT_BQ", "LAYOUT_BK"]
 _PRUNE = {"early_config_prune": _prune}
 
 
@@ -197,6 +202,36 @@ def _dropout_keep(seed, rng_rows, start_n, SEQ_K, dropout_p, BLOCK_M: tl.constex
 
 
 @triton.jit
+def _block_start(it, idx_ptr, SPARSE: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """First token of the tile that loop position `it` (a multiple of BLOCK) visits.
+
+    Dense loops walk a token range, so that is `it` itself. Block-sparse loops walk a layout's index
+    list instead: position it // BLOCK is the (it // BLOCK) % (LAYOUT_BLOCK // BLOCK)-th kernel tile of
+    listed layout block (it // BLOCK) // (LAYOUT_BLOCK // BLOCK). This is the only difference between
+    the dense and the block-sparse loops.
+    """
+    if SPARSE:
+        tiles_per_block: tl.constexpr = LAYOUT_BLOCK // BLOCK
+        j = it // BLOCK
+        return tl.load(idx_ptr + j // tiles_per_block) * LAYOUT_BLOCK + (j % tiles_per_block) * BLOCK
+    else:
+        return it
+
+
+@triton.jit
+def _tile_keep(TILES, tile, rows, cols, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
+    """Element mask of a partial layout block, bit-packed along keys (32 per int32 word).
+
+    tile < 0 marks a block that is partial only because of causality or the ragged end: all bits set.
+    rows and cols are broadcastable 2-D token indices.
+    """
+    words: tl.constexpr = (LAYOUT_BK + 31) // 32
+    base = TILES + tl.maximum(tile, 0).to(tl.int64) * (LAYOUT_BQ * words)
+    bits = tl.load(base + (rows % LAYOUT_BQ) * words + (cols % LAYOUT_BK) // 32)
+    return (tile < 0) | (((bits >> (cols % LAYOUT_BK % 32)) & 1) != 0)
+
+
+@triton.jit
 def _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, K_RANGE, off_b,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -259,12 +294,13 @@ def _query_blocks(start_n, seq_q, diag, win_left, win_right,
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                lo, hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
-               slope2, seed, rng_rows, SEQ_K, dropout_p,
+               slope2, seed, rng_rows, SEQ_K, dropout_p, idx_ptr, tile_ptr, TILES,
                MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
+               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+               SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
+    for it in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BK, BLOCK_N), BLOCK_N)
         cols = start_n + offs_n
         k = _load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                        cols, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
@@ -276,6 +312,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
             if MASK:
                 keep = _visible(rows[:, None], cols[None, :], seq_k, diag, win_left, win_right, kpm_base,
                                 HAS_LEFT, HAS_RIGHT, HAS_KPM)
+                if HAS_TILES:
+                    keep = keep & _tile_keep(TILES, tl.load(tile_ptr + start_n // LAYOUT_BK), rows[:, None],
+                                             cols[None, :], LAYOUT_BQ, LAYOUT_BK)
                 qk = tl.where(keep, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead of -inf
@@ -302,6 +341,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
+              LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, ly_sb, ly_sh,
               stride_qb, stride_qm, stride_qh, stride_qd,
               stride_kb, stride_kn, stride_kh, stride_kd,
               stride_vb, stride_vn, stride_vh, stride_vd,
@@ -312,6 +352,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, HAS_QPM: tl.constexpr,
               HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+              SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), HAS_RIGHT)
     off_b = (off_bh // NHEADS).to(tl.int64)
@@ -334,8 +375,6 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
 
     diag = seq_k - seq_q
     kpm_base = KPM + off_b * stride_kpm
-    lo, full_lo, full_hi, hi = _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, K_RANGE, off_b,
-                                           HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_M, BLOCK_N)
     slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
     seed = _dropout_seed(SEED, DROPOUT)
     rng_rows = off_bh.to(tl.int64) * SEQ_Q + rows
@@ -343,22 +382,44 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_LEFT:
+    if SPARSE:
+        # This query block's row of the layout: its partial key blocks (element-masked), then its
+        # full ones (masked only for key padding). BLOCK_M divides LAYOUT_BQ, so the row is unique.
+        n_kv_blocks = tl.cdiv(SEQ_K, LAYOUT_BK)
+        ly_row = (off_b * ly_sb + off_h * ly_sh) * tl.cdiv(SEQ_Q, LAYOUT_BQ) + first_row // LAYOUT_BQ
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   lo, full_lo, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right,
-                                   kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p,
+                                   0, tl.load(LY_NUM + ly_row) * LAYOUT_BK, rows, offs_n, offs_d, seq_k, diag,
+                                   qk_scale, win_left, win_right, kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p,
+                                   LY_IDX + ly_row * n_kv_blocks, TILE_IDX + ly_row * n_kv_blocks, TILES,
                                    True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               full_lo, full_hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right,
-                               kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p,
-                               False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               full_hi, hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right,
-                               kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p,
-                               True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET,
+                                   True, HAS_TILES, LAYOUT_BQ, LAYOUT_BK)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   0, tl.load(LY_FULL_NUM + ly_row) * LAYOUT_BK, rows, offs_n, offs_d, seq_k, diag,
+                                   qk_scale, win_left, win_right, kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p,
+                                   LY_FULL_IDX + ly_row * n_kv_blocks, TILE_IDX, TILES,
+                                   HAS_KPM, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET,
+                                   True, False, LAYOUT_BQ, LAYOUT_BK)
+    else:
+        lo, full_lo, full_hi, hi = _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, K_RANGE, off_b,
+                                               HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_M, BLOCK_N)
+        if HAS_LEFT:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                       lo, full_lo, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right,
+                                       kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p, LY_IDX, TILE_IDX, TILES,
+                                       True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                                       HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET, False, False, 1, 1)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   full_lo, full_hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right,
+                                   kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p, LY_IDX, TILE_IDX, TILES,
+                                   False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET, False, False, 1, 1)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   full_hi, hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right,
+                                   kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p, LY_IDX, TILE_IDX, TILES,
+                                   True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET, False, False, 1, 1)
 
     empty = l_i == 0.0  # the row sees no key
     if HAS_QPM:  # a padding query: output 0, lse +inf, so the backward gives it zero gradient
@@ -408,12 +469,13 @@ def _attn_bwd_preprocess(O, DO, DLSE, Delta,
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
                     lo, hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left, win_right, key_kept,
-                    slope2, seed, rng_base, SEQ_K, dropout_p,
+                    slope2, seed, rng_base, SEQ_K, dropout_p, idx_ptr, tile_ptr, tile_stride, TILES,
                     MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
+                    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+                    SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
+    for it in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BQ, BLOCK_M), BLOCK_M)
         rows = start_m + offs_m
         q = _load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                        rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
@@ -426,6 +488,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         if MASK:
             keep = _visible(rows[None, :], cols[:, None], seq_k, diag, win_left, win_right, 0,
                             HAS_LEFT, HAS_RIGHT, False)
+            if HAS_TILES:
+                keep = keep & _tile_keep(TILES, tl.load(tile_ptr + start_m // LAYOUT_BQ * tile_stride), rows[None, :],
+                                         cols[:, None], LAYOUT_BQ, LAYOUT_BK)
             p_t = tl.where(keep, p_t, 0.0)
         if HAS_KPM:
             p_t = tl.where(key_kept[:, None], p_t, 0.0)
@@ -448,6 +513,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 @triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED,
+                   LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, ly_sb, ly_sh,
                    stride_qb, stride_qm, stride_qh, stride_qd,
                    stride_kb, stride_kn, stride_kh, stride_kd,
                    stride_vb, stride_vn, stride_vh, stride_vd,
@@ -460,6 +526,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+                   SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     block_n, off_bhk = _tile(tl.cdiv(SEQ_K, BLOCK_N), False)
     nheads_kv = NHEADS // GROUP
@@ -497,26 +564,53 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
         delta_base = Delta + off_b * stride_lb + off_h * stride_lh + q_start
         slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
         rng_base = off_bh * SEQ_Q
-        if HAS_RIGHT:
+        if SPARSE:
+            # This key block's column of the layout (transposed lists): partial query blocks, then full.
+            n_q_blocks = tl.cdiv(SEQ_Q, LAYOUT_BQ)
+            ly_col = (off_b * ly_sb + off_h * ly_sh) * tl.cdiv(SEQ_K, LAYOUT_BK) + start_n // LAYOUT_BK
+            tile_col = TILE_IDX + (off_b * ly_sb + off_h * ly_sh) * n_q_blocks * tl.cdiv(SEQ_K, LAYOUT_BK) \
+                + start_n // LAYOUT_BK
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
-                                     lo, full_lo, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left,
-                                     win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
+                                     0, tl.load(LY_NUM + ly_col) * LAYOUT_BQ, offs_m, start_n, cols, offs_d, seq_q,
+                                     seq_k, diag, qk_scale, win_left, win_right, key_kept, slope2, seed, rng_base,
+                                     SEQ_K, dropout_p, LY_IDX + ly_col * n_q_blocks, tile_col,
+                                     tl.cdiv(SEQ_K, LAYOUT_BK), TILES,
                                      True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                 stride_qm, stride_qd, stride_dom, stride_dod,
-                                 full_lo, full_hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left,
-                                 win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
-                                 False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET)
-        if HAS_LEFT:
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
+                                     True, HAS_TILES, LAYOUT_BQ, LAYOUT_BK)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
-                                     full_hi, hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left,
-                                     win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
-                                     True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET)
+                                     0, tl.load(LY_FULL_NUM + ly_col) * LAYOUT_BQ, offs_m, start_n, cols, offs_d,
+                                     seq_q, seq_k, diag, qk_scale, win_left, win_right, key_kept, slope2, seed,
+                                     rng_base, SEQ_K, dropout_p, LY_FULL_IDX + ly_col * n_q_blocks, tile_col, 0, TILES,
+                                     False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
+                                     True, False, LAYOUT_BQ, LAYOUT_BK)
+        else:
+            if HAS_RIGHT:
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                         stride_qm, stride_qd, stride_dom, stride_dod,
+                                         lo, full_lo, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale,
+                                         win_left, win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
+                                         LY_IDX, TILE_IDX, 0, TILES,
+                                         True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                                         HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET, False, False, 1, 1)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     stride_qm, stride_qd, stride_dom, stride_dod,
+                                     full_lo, full_hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale,
+                                     win_left, win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
+                                     LY_IDX, TILE_IDX, 0, TILES,
+                                     False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET, False, False, 1, 1)
+            if HAS_LEFT:
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                         stride_qm, stride_qd, stride_dom, stride_dod,
+                                         full_hi, hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale,
+                                         win_left, win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
+                                         LY_IDX, TILE_IDX, 0, TILES,
+                                         True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                                         HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET, False, False, 1, 1)
 
     mask = (cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
     dk *= sm_scale
@@ -529,12 +623,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                   lo, hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
-                  slope2, seed, rng_rows, SEQ_K, dropout_p,
+                  slope2, seed, rng_rows, SEQ_K, dropout_p, idx_ptr, tile_ptr, TILES,
                   MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+                  SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
+    for it in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BK, BLOCK_N), BLOCK_N)
         cols = start_n + offs_n
         k = _load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                        cols, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
@@ -548,6 +643,9 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
         if MASK:
             keep = _visible(rows[:, None], cols[None, :], seq_k, diag, win_left, win_right, kpm_base,
                             HAS_LEFT, HAS_RIGHT, HAS_KPM)
+            if HAS_TILES:
+                keep = keep & _tile_keep(TILES, tl.load(tile_ptr + start_n // LAYOUT_BK), rows[:, None],
+                                         cols[None, :], LAYOUT_BQ, LAYOUT_BK)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(_mm(do, INTERPRET), _mm(tl.trans(v), INTERPRET), input_precision=PRECISION)
         if DROPOUT:
@@ -561,6 +659,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
 @triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE, ALIBI, SEED,
+                 LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, ly_sb, ly_sh,
                  stride_qb, stride_qm, stride_qh, stride_qd,
                  stride_kb, stride_kn, stride_kh, stride_kd,
                  stride_vb, stride_vn, stride_vh, stride_vd,
@@ -572,6 +671,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE, ALIBI, S
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+                 SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), HAS_RIGHT)
     off_b = (off_bh // NHEADS).to(tl.int64)
@@ -598,27 +698,43 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE, ALIBI, S
 
     diag = seq_k - seq_q
     kpm_base = KPM + off_b * stride_kpm
-    lo, full_lo, full_hi, hi = _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, K_RANGE, off_b,
-                                           HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_M, BLOCK_N)
     slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
     seed = _dropout_seed(SEED, DROPOUT)
     rng_rows = off_bh.to(tl.int64) * SEQ_Q + rows
-    if HAS_LEFT:
+    if SPARSE:  # as in the forward: the partial, then the full key blocks of this query block's layout row
+        n_kv_blocks = tl.cdiv(SEQ_K, LAYOUT_BK)
+        ly_row = (off_b * ly_sb + off_h * ly_sh) * tl.cdiv(SEQ_Q, LAYOUT_BQ) + first_row // LAYOUT_BQ
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                           lo, full_lo, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
-                           slope2, seed, rng_rows, SEQ_K, dropout_p,
+                           0, tl.load(LY_NUM + ly_row) * LAYOUT_BK, rows, offs_n, offs_d, seq_k, diag, qk_scale,
+                           win_left, win_right, kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p,
+                           LY_IDX + ly_row * n_kv_blocks, TILE_IDX + ly_row * n_kv_blocks, TILES,
                            True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       full_lo, full_hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
-                       slope2, seed, rng_rows, SEQ_K, dropout_p,
-                       False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       full_hi, hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
-                       slope2, seed, rng_rows, SEQ_K, dropout_p,
-                       True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET)
+                           HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET, True, HAS_TILES, LAYOUT_BQ, LAYOUT_BK)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           0, tl.load(LY_FULL_NUM + ly_row) * LAYOUT_BK, rows, offs_n, offs_d, seq_k, diag, qk_scale,
+                           win_left, win_right, kpm_base, slope2, seed, rng_rows, SEQ_K, dropout_p,
+                           LY_FULL_IDX + ly_row * n_kv_blocks, TILE_IDX, TILES,
+                           HAS_KPM, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET, True, False, LAYOUT_BQ, LAYOUT_BK)
+    else:
+        lo, full_lo, full_hi, hi = _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, K_RANGE, off_b,
+                                               HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_M, BLOCK_N)
+        if HAS_LEFT:
+            dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               lo, full_lo, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
+                               slope2, seed, rng_rows, SEQ_K, dropout_p, LY_IDX, TILE_IDX, TILES,
+                               True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET, False, False, 1, 1)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           full_lo, full_hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
+                           slope2, seed, rng_rows, SEQ_K, dropout_p, LY_IDX, TILE_IDX, TILES,
+                           False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET, False, False, 1, 1)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           full_hi, hi, rows, offs_n, offs_d, seq_k, diag, qk_scale, win_left, win_right, kpm_base,
+                           slope2, seed, rng_rows, SEQ_K, dropout_p, LY_IDX, TILE_IDX, TILES,
+                           True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, INTERPRET, False, False, 1, 1)
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + (q_start + rows[:, None]) * stride_dqm + off_h * stride_dqh
              + offs_d[None, :] * stride_dqd, _cast(dq, DQ.dtype.element_ty, INTERPRET),
@@ -681,6 +797,21 @@ def _key_range(key_padding_mask):
     return torch.stack([torch.minimum(first, last), last], 1).to(torch.int32).contiguous()
 
 
+def _layout_args(q, layout_tensors, layout_block_q, layout_block_k):
+    """Block-sparse arguments: (for the forward and dQ: key blocks of each query block; for dK/dV: query
+    blocks of each key block). layout_tensors is BlockSparseLayout.kernel_tensors()[0], or empty (dense)."""
+    if not layout_tensors:
+        dummy = dict(LY_NUM=q, LY_IDX=q, LY_FULL_NUM=q, LY_FULL_IDX=q, TILE_IDX=q, TILES=q, ly_sb=0, ly_sh=0,
+                     SPARSE=False, HAS_TILES=False, LAYOUT_BQ=0, LAYOUT_BK=0)
+        return dummy, dummy
+    kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, tile_index, tiles = layout_tensors
+    batch, heads = kv_num.shape[:2]  # 1 when the layout is shared (broadcast) over that dim
+    common = dict(TILE_IDX=tile_index, TILES=tiles, ly_sb=heads if batch > 1 else 0, ly_sh=1 if heads > 1 else 0,
+                  SPARSE=True, HAS_TILES=tiles.numel() > 0, LAYOUT_BQ=layout_block_q, LAYOUT_BK=layout_block_k)
+    return (dict(LY_NUM=kv_num, LY_IDX=kv_idx, LY_FULL_NUM=full_kv_num, LY_FULL_IDX=full_kv_idx, **common),
+            dict(LY_NUM=q_num, LY_IDX=q_idx, LY_FULL_NUM=full_q_num, LY_FULL_IDX=full_q_idx, **common))
+
+
 def _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, alibi_slopes, seed,
               softmax_scale, window_left, window_right, dropout_p):
     """Kernel arguments shared by the forward and both backward kernels."""
@@ -717,7 +848,8 @@ def _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
-                      query_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p):
+                      query_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
+                      layout_tensors=(), layout_block_q=0, layout_block_k=0):
     """Returns out (shape of q, contiguous) and lse: (batch, nheads, seqlen_q), or (nheads, total_q) packed."""
     varlen = cu_seqlens_q is not None
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -733,7 +865,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     qpm = query_padding_mask
     (q4, qs), (k4, ks), (v4, vs), (o4, os_) = (_as_4d(t, varlen) for t in (q, k, v, out))
     grid = lambda cfg: (triton.cdiv(args["SEQ_Q"], cfg["BLOCK_M"]) * batch * nheads,)
-    _attn_fwd[grid](q4, k4, v4, o4, lse, **ptrs, QPM=qpm if qpm is not None else q,
+    layout_kv, _ = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
+    _attn_fwd[grid](q4, k4, v4, o4, lse, **ptrs, **layout_kv, QPM=qpm if qpm is not None else q,
                     stride_qpm=qpm.stride(0) if qpm is not None else 0, HAS_QPM=qpm is not None,
                     **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_), **args)
     return out, lse
@@ -745,7 +878,8 @@ def _strides(name, strides):
 
 
 def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p):
+                       key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
+                       layout_tensors=(), layout_block_q=0, layout_block_k=0):
     """Returns dq, dk, dv (contiguous, in the input dtypes). dlse may be None."""
     varlen = cu_seqlens_q is not None
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -772,11 +906,12 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
     scales = dict(sm_scale=softmax_scale)
     kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
     grid_kv = lambda cfg: (triton.cdiv(args["SEQ_K"], cfg["BLOCK_N"]) * batch * nheads_kv,)
-    _attn_bwd_dkdv[grid_kv](q4, k4, v4, do4, lse, delta, dk4, dv4, **kv_ptrs,
+    layout_kv, layout_q = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
+    _attn_bwd_dkdv[grid_kv](q4, k4, v4, do4, lse, delta, dk4, dv4, **kv_ptrs, **layout_q,
                             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
                             **_strides("dk", dks), **_strides("dv", dvs), **scales, **args)
     grid_q = lambda cfg: (triton.cdiv(args["SEQ_Q"], cfg["BLOCK_M"]) * batch * nheads,)
-    _attn_bwd_dq[grid_q](q4, k4, v4, do4, lse, delta, dq4, **kv_ptrs, K_RANGE=ptrs["K_RANGE"],
+    _attn_bwd_dq[grid_q](q4, k4, v4, do4, lse, delta, dq4, **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"],
                          **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
                          **_strides("dq", dqs), **scales, **args)
     return dq, dk, dv
@@ -792,9 +927,11 @@ def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
                      key_padding_mask: torch.Tensor | None, query_padding_mask: torch.Tensor | None,
                      alibi_slopes: torch.Tensor | None, seed: torch.Tensor | None, softmax_scale: float,
-                     window_left: int, window_right: int, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     window_left: int, window_right: int, dropout_p: float, layout_tensors: list[torch.Tensor],
+                     layout_block_q: int, layout_block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
-                             query_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p)
+                             query_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
+                             layout_tensors, layout_block_q, layout_block_k)
 
 
 @attention_fwd_op.register_fake
@@ -809,9 +946,11 @@ def attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                      cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
                      key_padding_mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
                      seed: torch.Tensor | None, softmax_scale: float, window_left: int, window_right: int,
-                     dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     dropout_p: float, layout_tensors: list[torch.Tensor], layout_block_q: int,
+                     layout_block_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p)
+                              key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
+                              layout_tensors, layout_block_q, layout_block_k)
 
 
 @attention_bwd_op.register_fake
@@ -821,20 +960,30 @@ def _(dout, q, k, v, *args):
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, _query_padding_mask,
-     alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p) = inputs
+     alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p, layout_tensors, layout_block_q,
+     layout_block_k) = inputs
     out, lse = output
     # Padding queries need nothing here: their lse is +inf, so the backward gives them zero gradient.
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed)
-    ctx.config = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed,
+                          *layout_tensors)
+    ctx.config = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p,
+                  layout_block_q, layout_block_k)
+    ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, dout, dlse, backward_fn=attention_bwd_op):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p = ctx.config
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed, *layout = ctx.saved_tensors
+    max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p, layout_block_q, layout_block_k = \
+        ctx.config
     dq, dk, dv = backward_fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, key_padding_mask, alibi_slopes, seed, softmax_scale,
-                             window_left, window_right, dropout_p)
-    return dq, dk, dv, *([None] * 12)
+                             window_left, window_right, dropout_p, layout,
+                             layout_block_q, layout_block_k)
+    # Inputs after q, k, v get no gradient; the custom op wants the layout list's as a list of the same length.
+    grads = [None] * (ctx.n_inputs - 3)
+    if backward_fn is attention_bwd_op:
+        grads[-3] = [None] * len(layout)
+    return dq, dk, dv, *grads
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -858,7 +1007,8 @@ class _EagerAttention(torch.autograd.Function):
 def run_attention(*inputs):
     """(out, lse) = run_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     key_padding_mask, query_padding_mask, alibi_slopes, seed, softmax_scale, window_left,
-    window_right, dropout_p): the custom op under torch.compile, a plain autograd.Function eagerly."""
+    window_right, dropout_p, layout_tensors, layout_block_q, layout_block_k): the custom op under
+    torch.compile, a plain autograd.Function eagerly. layout_tensors is [] for dense attention."""
     if torch.compiler.is_compiling():
         return attention_fwd_op(*inputs)
     return _EagerAttention.apply(*inputs)

@@ -1,0 +1,159 @@
+"""block_sparse_attn_func against the float64 reference with the layout's dense element mask applied.
+
+The reference is attention_reference(..., attn_mask=layout.to_dense_elements()), so every check also
+says that the kernels visit exactly the kept blocks and apply mask_mod exactly inside partial ones.
+Same rule as the dense kernels (test_features._check): out, dq, dk, dv within 2x PyTorch's own error,
+empty rows output 0 with lse +inf, keys nobody sees get dk = dv = 0.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU
+from test_features import BF16, FP16, FP32, _check, _padding_mask, _pick, _qkv
+
+import hf_flash
+from hf_flash import layouts as L
+from hf_flash.reference import attention_reference, visibility_mask
+
+
+def check_sparse(q, k, v, layout, *, dropout_p=0.0, lse_grad=False, **features):
+    batch, seqlen_q, nheads, _ = q.shape
+    seqlen_k = k.shape[1]
+    elements = layout.to_dense_elements()
+    mask_kwargs = {key: features[key] for key in ("causal", "key_padding_mask") if key in features}
+    seen = (visibility_mask(seqlen_q, seqlen_k, device=q.device, **mask_kwargs) & elements).any(dim=2).any(dim=1)
+    unseen_keys = ~seen.expand(batch, seqlen_k)
+
+    def kernel(q, k, v, **kwargs):
+        return hf_flash.block_sparse_attn_func(q, k, v, layout, **kwargs)
+
+    def reference(q, k, v, **kwargs):
+        return attention_reference(q, k, v, attn_mask=elements, **kwargs)
+
+    return _check(kernel, reference, (q, k, v), (batch, nheads, seqlen_q, seqlen_k), unseen_keys,
+                  dropout_p=dropout_p, lse_grad=lse_grad, features=features)
+
+
+def _mask_mod_blocks(b, h, q_idx, kv_idx):
+    """Per batch row and head: documents of 17 (+ b) query tokens against 23 (+ h) key tokens."""
+    return (q_idx // (17 + b)) == (kv_idx // (23 + h))
+
+
+# (name, builder(seqlen_q, seqlen_k, block_size, batch, nheads) -> layout). Windows and global counts
+# are in tokens for local/global_tokens, in blocks for bigbird.
+LAYOUTS = {
+    "local": lambda sq, sk, bs, b, h: L.local(20, sq, sk, bs, device=DEVICE),
+    "causal-window": lambda sq, sk, bs, b, h: L.local((24, 0), sq, sk, bs, device=DEVICE),
+    "local|global": lambda sq, sk, bs, b, h: L.local(16, sq, sk, bs, device=DEVICE) | L.global_tokens(5, sq, sk, bs,
+                                                                                                      device=DEVICE),
+    "causal": lambda sq, sk, bs, b, h: L.causal(sq, sk, bs, device=DEVICE),
+    "bigbird-per-head": lambda sq, sk, bs, b, h: L.bigbird(1, 1, 1, sq, sk, bs, nheads=h, seed=3, device=DEVICE),
+    "butterfly": lambda sq, sk, bs, b, h: L.butterfly(sq, sk, bs, device=DEVICE),
+    "mask_mod-per-batch-head": lambda sq, sk, bs, b, h: L.from_mask_mod(_mask_mod_blocks, sq, sk, bs, batch=b,
+                                                                        nheads=h, device=DEVICE),
+}
+
+# (batch, nheads, nheads_kv, seqlen_q, seqlen_k, headdim, block_size, dtype)
+CPU_CASES = [(1, 2, 2, 97, 97, 32, 32, FP32), (2, 2, 1, 70, 100, 24, 16, FP32)]
+GPU_CASES = [(2, 4, 2, 1000, 1000, 64, 128, FP16), (2, 4, 4, 777, 1300, 128, 64, BF16),
+             (1, 8, 2, 2048, 2048, 64, 128, BF16), (2, 4, 1, 1300, 500, 96, 128, FP16)]
+
+
+def _id(case):
+    b, h, hk, sq, sk, d, bs, dtype = case
+    return f"B{b}-H{h}-K{hk}-Sq{sq}-Sk{sk}-D{d}-BS{bs}-{str(dtype).split('.')[-1]}"
+
+
+@pytest.mark.parametrize("case", _pick(CPU_CASES, GPU_CASES), ids=_id)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layouts(name, case):
+    b, h, hk, sq, sk, d, bs, dtype = case
+    if not ON_GPU and name not in ("bigbird-per-head", "mask_mod-per-batch-head") and case is not CPU_CASES[0]:
+        pytest.skip("CPU interpreter (slow): every layout on the first shape, per-head ones on both")
+    check_sparse(*_qkv(b, h, hk, sq, sk, d, dtype), LAYOUTS[name](sq, sk, bs, b, h))
+
+
+@pytest.mark.parametrize("extra", [dict(causal=True, key_padding_mask="left"), dict(key_padding_mask="right"),
+                                   dict(causal=True, dropout_p=0.3, lse_grad=True)],
+                         ids=lambda e: "-".join(f"{k}={v}" for k, v in e.items()))
+def test_combined_with_causal_padding_dropout(extra):
+    b, h, hk, sq, sk, d, bs, dtype = _pick([(2, 2, 1, 60, 75, 32, 32, FP32)], [(2, 8, 2, 1500, 1700, 64, 128, BF16)])[0]
+    extra = dict(extra)
+    if "key_padding_mask" in extra:
+        extra["key_padding_mask"] = _padding_mask(b, sk, extra["key_padding_mask"])
+    layout = L.local(20 if not ON_GPU else 300, sq, sk, bs, device=DEVICE) | L.global_tokens(7, sq, sk, bs, device=DEVICE)
+    check_sparse(*_qkv(b, h, hk, sq, sk, d, dtype), layout, **extra)
+
+
+def test_empty_rows_and_columns():
+    """A query block with no kept key block outputs 0 (lse +inf, dq 0); unvisited keys get dk = dv = 0."""
+    sq, sk, bs = _pick([(48, 64, 16)], [(1000, 1200, 128)])[0]
+    n_q, n_kv = -(-sq // bs), -(-sk // bs)
+    blocks = torch.rand(2, n_q, n_kv, device=DEVICE) > 0.5
+    blocks[0, 1] = False  # head 0: query block 1 sees nothing
+    blocks[1, :, 2] = False  # head 1: key block 2 is never visited
+    layout = L.from_dense(blocks, sq, sk, bs)
+    out, lse, (dq, dk, dv) = check_sparse(*_qkv(2, 2, 2, sq, sk, 32, FP32 if not ON_GPU else FP16), layout)
+    assert torch.isinf(lse[:, 0, bs:2 * bs]).all()
+    assert (dk[:, 2 * bs:3 * bs, 1] == 0).all()
+
+
+@pytest.mark.parametrize("seqlen", _pick([83], [1024, 1500]))
+def test_fully_dense_layout_equals_dense_kernel(seqlen):
+    dtype = FP32 if not ON_GPU else BF16
+    bs = 32 if not ON_GPU else 128
+    q, k, v = _qkv(*_pick([(1, 2, 1)], [(2, 4, 2)])[0], seqlen, seqlen, 32, dtype)
+    n = -(-seqlen // bs)
+    every = L.from_dense(torch.ones(n, n, dtype=torch.bool, device=DEVICE), seqlen, seqlen, bs)
+    for causal in (False, True):
+        dout = torch.randn_like(q)
+        dense = hf_flash.flash_attn_func(q, k, v, causal=causal)
+        sparse = hf_flash.block_sparse_attn_func(q, k, v, every, causal=causal)
+        grads_dense = torch.autograd.grad(dense, (q, k, v), dout)
+        grads_sparse = torch.autograd.grad(sparse, (q, k, v), dout)
+        # The same tiles, visited in another order (the ragged last block is partial, so it comes first).
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == FP32 else dict(rtol=0, atol=2e-2)
+        for a, b in zip((dense, *grads_dense), (sparse, *grads_sparse)):
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_kernel_tensors_are_cached_and_exact():
+    """The kernel lists demote diagonal and ragged-end blocks to partial; tiles rebuild the mask_mod exactly."""
+    sq, sk, bs = 75, 75, 16
+    layout = L.local(10, sq, sk, bs) | L.global_tokens(3, sq, sk, bs)
+    tensors, block_q, block_k = layout.kernel_tensors(causal=True)
+    assert layout.kernel_tensors(causal=True)[0] is tensors and (block_q, block_k) == (bs, bs)
+    kv_num, kv_idx, full_num, full_idx, *_, tile_index, tiles = tensors
+    rebuilt = L.BlockSparseLayout.from_block_masks(L._from_csr(full_num, full_idx, 5), L._from_csr(kv_num, kv_idx, 5),
+                                                   sq, sk, bs)
+    causal_blocks = L.causal(sq, sk, bs).to_dense()
+    assert torch.equal(rebuilt.to_dense(), layout.to_dense() & causal_blocks)
+    full = rebuilt.to_dense("full")
+    assert not full[..., -1].any(), "the ragged last key block must be partial"
+    q_blocks = torch.arange(5).view(-1, 1)
+    assert not (full[0, 0] & (q_blocks == torch.arange(5).view(1, -1))).any(), "diagonal blocks must be partial"
+    # unpack the bits and compare with the element mask inside every tile
+    bits = (tiles[..., None] >> torch.arange(32)) & 1
+    masks = bits.flatten(-2)[..., :bs].bool()
+    elements = layout.to_dense_elements()[0, 0]
+    for i, j in (tile_index[0, 0] >= 0).nonzero().tolist():
+        expected = torch.zeros(bs, bs, dtype=torch.bool)
+        block = elements[i * bs:(i + 1) * bs, j * bs:(j + 1) * bs]
+        expected[:block.shape[0], :block.shape[1]] = block
+        assert torch.equal(masks[tile_index[0, 0, i, j]], expected)
+
+
+def test_bad_arguments():
+    q, k, v = _qkv(1, 2, 2, 40, 40, 16, FP32)
+    layout = L.local(8, 40, block_size=16, device=DEVICE)
+    with pytest.raises(TypeError, match="layout must be a hf_flash.BlockSparseLayout"):
+        hf_flash.block_sparse_attn_func(q, k, v, torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="layout is for seqlen_q=48"):
+        hf_flash.block_sparse_attn_func(q, k, v, L.local(8, 48, block_size=16, device=DEVICE))
+    with pytest.raises(ValueError, match="heads 3"):
+        hf_flash.block_sparse_attn_func(q, k, v, L.bigbird(1, 0, 1, 40, block_size=16, nheads=3, device=DEVICE))
+    with pytest.raises(ValueError, match="dropout_p"):
+        hf_flash.block_sparse_attn_func(q, k, v, layout, dropout_p=1.0)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        hf_flash.block_sparse_attn_func(q, k, v, layout, key_padding_mask=torch.ones(1, 41, dtype=torch.bool,
+                                                                                    device=DEVICE))
