@@ -23,13 +23,20 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
-def assert_close_2x(ours, ref, pt, name):
-    """flash-attn's rule: our error against the fp64 reference <= 2 x PyTorch's same-dtype error + floor."""
+def assert_close_2x(ours, ref, pt, name, norm="max"):
+    """flash-attn's rule: our error against the fp64 reference <= 2 x PyTorch's same-dtype error + floor.
+
+    norm="max" (kernel outputs) compares the largest elementwise errors. norm="rms" compares root-mean-square
+    errors, for whole-model gradients in fp16/bf16: there every parameter's error is the sum of many
+    rounding errors of layers both sides share, and the maximum over a few dozen entries of such noise
+    swings by more than 2x between two equally accurate runs.
+    """
     assert torch.isfinite(ours).all(), f"{name}: non-finite values"
     ref = ref.double()
-    err = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
-    pt_err = (pt.double() - ref).abs().max().item() if ref.numel() else 0.0
-    floor = FLOOR[pt.dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    reduce = (lambda e: e.abs().max().item()) if norm == "max" else (lambda e: e.square().mean().sqrt().item())
+    err = reduce(ours.double() - ref) if ref.numel() else 0.0
+    pt_err = reduce(pt.double() - ref) if ref.numel() else 0.0
+    floor = FLOOR[pt.dtype] * max(1.0, reduce(ref) if ref.numel() else 0.0)
     assert err <= 2 * pt_err + floor, f"{name}: max error {err:.3e} > 2 x PyTorch's {pt_err:.3e} + {floor:.1e}"
 
 

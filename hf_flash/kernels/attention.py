@@ -54,7 +54,7 @@ def _prune(configs, named_args, **kwargs):
         max_tile = 128 * 64 if row_bytes <= 512 else 64 * 32
         kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile and c.num_stages <= 2]
         kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    if args["SPARSE"]:  # a kernel tile must lie inside one layout block
+    if args.get("SPARSE"):  # a kernel tile must lie inside one layout block
         fits = [c for c in kept if c.kwargs["BLOCK_M"] <= args["LAYOUT_BQ"] and c.kwargs["BLOCK_N"] <= args["LAYOUT_BK"]]
         kept = fits or [triton.Config({"BLOCK_M": min(64, args["LAYOUT_BQ"]), "BLOCK_N": min(32, args["LAYOUT_BK"])},
                                       num_warps=4, num_stages=2)]
