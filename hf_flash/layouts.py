@@ -251,6 +251,38 @@ class _LayoutMaskMod:
 
 
 # ---------------------------------------------------------------------------------------------
+# Element rules: window | global-token masks the kernels can evaluate without tiles
+# ---------------------------------------------------------------------------------------------
+
+RULE_UNBOUNDED = 2**30  # an open window side (causal: left unbounded)
+
+
+def _combine_rules(a, b, union):
+    """The element_rule of a | b or a & b, or None when the result is not of the window | global form.
+
+    A rule only has to be exact inside partial blocks. A layout without mask_mod attends its kept blocks
+    whole, so a partial block of the union/intersection with it has the other side's mask: its rule. A
+    builder's rule is False outside the blocks it keeps, so the union of two rules is exact everywhere.
+    """
+    if a.mask_mod is None or b.mask_mod is None:
+        return (b if a.mask_mod is None else a).element_rule
+    if a.element_rule is None or b.element_rule is None:
+        return None
+    (la, ra, ga), (lb, rb, gb) = a.element_rule, b.element_rule
+    windows = [(l, r) for l, r in ((la, ra), (lb, rb)) if l is not None]
+    if union:  # windows all contain offset 0, so their union is the widest one
+        left, right = (max(w[0] for w in windows), max(w[1] for w in windows)) if windows else (None, None)
+        return (left, right, max(ga, gb))
+    if not windows:
+        return (None, None, min(ga, gb))
+    if ga or gb:  # global tokens intersected with a window leave the form
+        return None
+    if len(windows) == 1:  # the side without a window (and without global tokens) attends nothing
+        return (None, None, 0)
+    return (min(la, lb), min(ra, rb), 0)
+
+
+# ---------------------------------------------------------------------------------------------
 # The layout
 # ---------------------------------------------------------------------------------------------
 
@@ -303,6 +335,11 @@ class BlockSparseLayout:
     seqlen_k: int
     block_size: int | tuple[int, int] = 128
     mask_mod: MaskMod | None = None
+    # The same element mask as arithmetic the kernels evaluate inline, when mask_mod is built from the
+    # sliding-window, causal and global-token predicates (see _rule_union / _rule_intersection):
+    # (left, right, n_global) = (j - i - diag in [-left, right]) | (i < n_global) | (j < n_global),
+    # left/right None meaning "no window term" and RULE_UNBOUNDED an open side. None: use tiles of mask_mod.
+    element_rule: tuple | None = None
 
     def __post_init__(self):
         self.seqlen_q, self.seqlen_k, block_q, block_k = _grid(self.seqlen_q, self.seqlen_k, self.block_size)
@@ -326,7 +363,8 @@ class BlockSparseLayout:
 
     @classmethod
     def from_block_masks(cls, full: Tensor, partial: Tensor | None, seqlen_q: int, seqlen_k: int | None = None,
-                         block_size=128, mask_mod: MaskMod | None = None) -> BlockSparseLayout:
+                         block_size=128, mask_mod: MaskMod | None = None,
+                         element_rule: tuple | None = None) -> BlockSparseLayout:
         """A layout from dense bool block masks of shape ([B,] [H,] n_q_blocks, n_kv_blocks).
 
         full: the full blocks; partial: the partial ones (None: none), where a block also in full
@@ -341,7 +379,8 @@ class BlockSparseLayout:
         partial = partial & ~full
         kv, full_kv = _to_csr(partial), _to_csr(full)
         q, full_q = _to_csr(partial.transpose(-1, -2)), _to_csr(full.transpose(-1, -2))
-        return cls(*kv, *full_kv, *q, *full_q, seqlen_q, seqlen_k, (block_q, block_k), mask_mod)
+        return cls(*kv, *full_kv, *q, *full_q, seqlen_q, seqlen_k, (block_q, block_k), mask_mod,
+                   element_rule if mask_mod is not None else None)
 
     # -- shape ----------------------------------------------------------------------------------
 
@@ -423,13 +462,14 @@ class BlockSparseLayout:
         """What the block-sparse kernels read, built once per `causal` and cached on the layout.
 
         Returns ([kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
-        full_q_num_blocks, full_q_indices, tile_index, tiles], block_q, block_k) where, unlike the layout's
+        full_q_num_blocks, full_q_indices, tile_index, tiles, rule], block_q, block_k) where, unlike the layout's
         own lists, blocks that are full but cross the causal diagonal (with causal) or hold the ragged
         end of the keys are listed as partial, and blocks wholly above the diagonal are dropped: the
         kernels mask causality and sequence ends only in partial blocks. tile_index (B, H, n_q_blocks,
         n_kv_blocks) int32 points partial blocks that carry a mask_mod to their element mask in tiles
         (P, block_q, ceil(block_k / 32)) int32, bit j of word w being key w * 32 + j of the block;
-        -1 elsewhere. Both are empty when the layout has no mask_mod.
+        -1 elsewhere. Both are empty when the layout has no mask_mod or has an element_rule, which goes to
+        rule as int32 (left, right, n_global) for the kernels to evaluate inline (else rule is empty).
         """
         cache = self.__dict__.setdefault("_kernel_tensors", {})
         if bool(causal) not in cache:
@@ -445,8 +485,14 @@ class BlockSparseLayout:
                 full[..., -1] = False
             plan = BlockSparseLayout.from_block_masks(full, kept, self.seqlen_q, self.seqlen_k, self.block_size)
             lists = [getattr(plan, name) for name in _CSR_FIELDS]
-            if self.mask_mod is None:
+            rule = torch.zeros(0, dtype=torch.int32, device=self.device)
+            if self.mask_mod is None or self.element_rule is not None:
                 tile_index = tiles = torch.zeros(0, dtype=torch.int32, device=self.device)
+                if self.element_rule is not None:
+                    left, right, n_global = self.element_rule
+                    # No window term: an interval no offset reaches. Unbounded: wider than any sequence.
+                    left, right = (-2**30, -2**30) if left is None else (left, right)
+                    rule = torch.tensor([left, right, n_global], dtype=torch.int32, device=self.device)
             else:
                 tile_index, masks = self.partial_block_masks()
                 words = -(-self.block_k // 32)
@@ -454,7 +500,8 @@ class BlockSparseLayout:
                 bits = masks.view(*masks.shape[:2], words, 32).to(torch.int64) << torch.arange(32, device=self.device)
                 packed = bits.sum(-1)
                 tiles = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-            cache[bool(causal)] = ([t.contiguous() for t in (*lists, tile_index, tiles)], self.block_q, self.block_k)
+            cache[bool(causal)] = ([t.contiguous() for t in (*lists, tile_index, tiles, rule)], self.block_q,
+                                   self.block_k)
         return cache[bool(causal)]
 
     @property
@@ -497,6 +544,7 @@ class BlockSparseLayout:
             return BlockSparseLayout.from_block_masks(kept, None, self.seqlen_q, self.seqlen_k, self.block_size)
         combine = or_masks if union else and_masks
         mask_mod = combine(_LayoutMaskMod(self), _LayoutMaskMod(other))
+        rule = _combine_rules(self, other, union)
         # A block partial on one side and full or absent on the other keeps its class exactly; one
         # partial on both sides may turn full (union) or empty (intersection): evaluate only those.
         both_partial = (kept_a & ~full_a) & (kept_b & ~full_b)
@@ -504,7 +552,8 @@ class BlockSparseLayout:
                                                self.block_q, self.block_k)
         kept = kept & ~(both_partial & ~any_attended)
         full = full | all_attended
-        return BlockSparseLayout.from_block_masks(full, kept, self.seqlen_q, self.seqlen_k, self.block_size, mask_mod)
+        return BlockSparseLayout.from_block_masks(full, kept, self.seqlen_q, self.seqlen_k, self.block_size, mask_mod,
+                                                  rule)
 
     def __or__(self, other):
         """Union: an element is attended if either layout attends it."""
@@ -602,7 +651,7 @@ def causal(seqlen_q: int, seqlen_k: int | None = None, block_size=128, device=No
     diagonal = seqlen_k - seqlen_q
     any_attended, all_attended = kv_first <= q_last + diagonal, kv_last <= q_first + diagonal
     return BlockSparseLayout.from_block_masks(all_attended, any_attended, seqlen_q, seqlen_k, block_size,
-                                              causal_mask_mod(seqlen_q, seqlen_k))
+                                              causal_mask_mod(seqlen_q, seqlen_k), (RULE_UNBOUNDED, 0, 0))
 
 
 def local(window, seqlen_q: int, seqlen_k: int | None = None, block_size=128, device=None) -> BlockSparseLayout:
@@ -621,7 +670,8 @@ def local(window, seqlen_q: int, seqlen_k: int | None = None, block_size=128, de
     any_attended = (nearest <= right) & (farthest >= -left)
     all_attended = (nearest >= -left) & (farthest <= right)
     return BlockSparseLayout.from_block_masks(all_attended, any_attended, seqlen_q, seqlen_k, block_size,
-                                              sliding_window_mask_mod((left, right), seqlen_q, seqlen_k))
+                                              sliding_window_mask_mod((left, right), seqlen_q, seqlen_k),
+                                              (left, right, 0))
 
 
 def global_tokens(n: int, seqlen_q: int, seqlen_k: int | None = None, block_size=128, device=None) -> BlockSparseLayout:
@@ -634,7 +684,7 @@ def global_tokens(n: int, seqlen_q: int, seqlen_k: int | None = None, block_size
     q_first, q_last, kv_first, kv_last = _token_ranges(seqlen_q, seqlen_k, block_q, block_k, device)
     any_attended, all_attended = (q_first < n) | (kv_first < n), (q_last < n) | (kv_last < n)
     return BlockSparseLayout.from_block_masks(all_attended, any_attended, seqlen_q, seqlen_k, block_size,
-                                              global_tokens_mask_mod(n))
+                                              global_tokens_mask_mod(n), (None, None, n))
 
 
 def bigbird(window: int, n_global: int, n_random: int, seqlen_q: int, seqlen_k: int | None = None,

@@ -117,30 +117,65 @@ def test_fully_dense_layout_equals_dense_kernel(seqlen):
             torch.testing.assert_close(a, b, **tol)
 
 
-def test_kernel_tensors_are_cached_and_exact():
-    """The kernel lists demote diagonal and ragged-end blocks to partial; tiles rebuild the mask_mod exactly."""
+def test_kernel_lists_demote_diagonal_and_ragged_blocks():
     sq, sk, bs = 75, 75, 16
     layout = L.local(10, sq, sk, bs) | L.global_tokens(3, sq, sk, bs)
     tensors, block_q, block_k = layout.kernel_tensors(causal=True)
     assert layout.kernel_tensors(causal=True)[0] is tensors and (block_q, block_k) == (bs, bs)
-    kv_num, kv_idx, full_num, full_idx, *_, tile_index, tiles = tensors
+    kv_num, kv_idx, full_num, full_idx = tensors[:4]
     rebuilt = L.BlockSparseLayout.from_block_masks(L._from_csr(full_num, full_idx, 5), L._from_csr(kv_num, kv_idx, 5),
                                                    sq, sk, bs)
-    causal_blocks = L.causal(sq, sk, bs).to_dense()
-    assert torch.equal(rebuilt.to_dense(), layout.to_dense() & causal_blocks)
+    assert torch.equal(rebuilt.to_dense(), layout.to_dense() & L.causal(sq, sk, bs).to_dense())
     full = rebuilt.to_dense("full")
     assert not full[..., -1].any(), "the ragged last key block must be partial"
-    q_blocks = torch.arange(5).view(-1, 1)
-    assert not (full[0, 0] & (q_blocks == torch.arange(5).view(1, -1))).any(), "diagonal blocks must be partial"
-    # unpack the bits and compare with the element mask inside every tile
-    bits = (tiles[..., None] >> torch.arange(32)) & 1
-    masks = bits.flatten(-2)[..., :bs].bool()
+    assert not (full[0, 0] & torch.eye(5, dtype=torch.bool)).any(), "diagonal blocks must be partial"
+
+
+def test_tiles_hold_the_mask_mod_bits():
+    sq, sk, bs = 75, 90, 16
+    layout = L.from_mask_mod(lambda b, h, q, kv: (q // 7) % 3 != (kv // 5) % 3, sq, sk, bs)
+    *_, tile_index, tiles, rule = layout.kernel_tensors()[0]
+    assert rule.numel() == 0 and tiles.numel() > 0
+    masks = ((tiles[..., None] >> torch.arange(32)) & 1).flatten(-2)[..., :bs].bool()
     elements = layout.to_dense_elements()[0, 0]
     for i, j in (tile_index[0, 0] >= 0).nonzero().tolist():
         expected = torch.zeros(bs, bs, dtype=torch.bool)
         block = elements[i * bs:(i + 1) * bs, j * bs:(j + 1) * bs]
         expected[:block.shape[0], :block.shape[1]] = block
         assert torch.equal(masks[tile_index[0, 0, i, j]], expected)
+
+
+RULE_LAYOUTS = {
+    "local": lambda sq, sk: L.local(9, sq, sk, 16),
+    "causal": lambda sq, sk: L.causal(sq, sk, 16),
+    "causal-window": lambda sq, sk: L.local((20, 0), sq, sk, 16),
+    "global": lambda sq, sk: L.global_tokens(5, sq, sk, 16),
+    "local|global": lambda sq, sk: L.local((7, 3), sq, sk, 16) | L.global_tokens(19, sq, sk, 16),
+    "local&causal": lambda sq, sk: L.local(30, sq, sk, 16) & L.causal(sq, sk, 16),
+    "local|local": lambda sq, sk: L.local((3, 20), sq, sk, 16) | L.local((25, 2), sq, sk, 16),
+    "bigbird|local": lambda sq, sk: L.bigbird(0, 0, 1, sq, sk, 16) | L.local(12, sq, sk, 16),
+    "global&global": lambda sq, sk: L.global_tokens(4, sq, sk, 16) & L.global_tokens(20, sq, sk, 16),
+}
+
+
+@pytest.mark.parametrize("name", list(RULE_LAYOUTS))
+@pytest.mark.parametrize("sq, sk", [(70, 70), (50, 83), (83, 50)])
+def test_element_rules_equal_the_mask_mod_in_partial_blocks(name, sq, sk):
+    """The inline rule (what the kernels evaluate instead of tiles) agrees with mask_mod on every partial block."""
+    layout = RULE_LAYOUTS[name](sq, sk)
+    assert layout.element_rule is not None
+    left, right, n_global = layout.kernel_tensors()[0][-1].tolist()
+    i, j = torch.arange(sq).view(-1, 1), torch.arange(sk).view(1, -1)
+    offset = j - i - (sk - sq)
+    rule = ((offset >= -left) & (offset <= right)) | (i < n_global) | (j < n_global)
+    partial = layout.to_dense("partial")[0, 0].repeat_interleave(16, 0).repeat_interleave(16, 1)[:sq, :sk]
+    elements = layout.to_dense_elements()[0, 0]
+    assert torch.equal(rule & partial, elements & partial)
+
+
+def test_window_intersected_with_global_tokens_falls_back_to_tiles():
+    layout = L.local(9, 70, block_size=16) & L.global_tokens(5, 70, block_size=16)
+    assert layout.element_rule is None and layout.kernel_tensors()[0][-2].numel() > 0
 
 
 def test_bad_arguments():
