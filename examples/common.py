@@ -274,7 +274,9 @@ def load_data(args, task, causal_lm):
 
 
 def load_pretrained(auto_class, args, tokenizer, **kwargs):
-    model = auto_class.from_pretrained(args.model, attn_implementation=args.attn, **kwargs)
+    # fp32 master weights whatever the checkpoint stores: --mixed-precision autocasts the compute, and AdamW on
+    # fp16 weights diverges (its eps and small updates underflow).
+    model = auto_class.from_pretrained(args.model, attn_implementation=args.attn, dtype=torch.float32, **kwargs)
     if model.config.pad_token_id is None:  # batches are padded; GPT-2 checkpoints name no pad token
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
