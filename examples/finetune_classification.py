@@ -6,7 +6,7 @@
     python examples/finetune_classification.py --model my-bert --train-file docs.jsonl   # {"text", "label"} rows
 
 Built-in task ("majority evidence"): a [CLS] ... [SEP] sequence of random filler tokens in which `--evidence`
-tokens of two kinds, A and B, are scattered uniformly over positions [H, max_length), H = min(512, max_length // 2);
+tokens of two kinds, A and B, are scattered uniformly over positions [H, doc_length), H = min(512, doc_length // 2);
 the label is the kind in the majority (the minority kind gets 0 .. (evidence - 1) // 2 tokens). The first H tokens
 never hold evidence, so a model that sees only the first 512 tokens (or half of a shorter sequence) is at chance
 (50%); the answer needs evidence collected from across the whole document.
@@ -26,15 +26,17 @@ from common import BOS, EOS, EVIDENCE_A, FIRST_FREE, SYNTH_VOCAB  # noqa: E402
 class Task:
     name = "finetune_classification"
 
-    def __init__(self, max_length, evidence):
-        if max_length < evidence + 4:
-            raise SystemExit(f"--max-length {max_length} is too short for {evidence} evidence tokens")
-        self.max_length, self.evidence = max_length, evidence
-        self.horizon = max(1, min(512, max_length // 2))
+    def __init__(self, max_length, evidence, doc_length=None):
+        doc_length = doc_length or max_length
+        if doc_length < evidence + 4:
+            raise SystemExit(f"--doc-length {doc_length} is too short for {evidence} evidence tokens")
+        self.max_length, self.doc_length, self.evidence = max_length, doc_length, evidence
+        self.horizon = max(1, min(512, doc_length // 2))
 
     def make(self, rng):
-        """One example: input_ids (max_length,), labels () in {0, 1}."""
-        n, k = self.max_length, self.evidence
+        """One example: input_ids (max_length,), labels () in {0, 1}. A document longer than max_length
+        (--doc-length) is truncated to its first max_length tokens, as a model with a shorter context sees it."""
+        n, k = self.doc_length, self.evidence
         label = int(rng.integers(2))
         ids = rng.integers(FIRST_FREE, SYNTH_VOCAB, size=n)
         ids[0], ids[-1] = BOS, EOS
@@ -43,6 +45,9 @@ class Task:
         kinds = np.full(k, label)
         kinds[:minority] = 1 - label
         ids[positions] = EVIDENCE_A + kinds
+        if n > self.max_length:
+            ids = ids[:self.max_length]
+            ids[-1] = EOS
         return {"input_ids": ids, "labels": np.int64(label)}
 
     @staticmethod
@@ -71,10 +76,13 @@ def build_model(args, num_labels, tokenizer):
 def main(argv=None):
     parser = common.build_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--evidence", type=int, default=7, help="built-in task: evidence tokens per document")
+    parser.add_argument("--doc-length", type=int, default=None,
+                        help="built-in task: document length (default --max-length); longer documents are truncated "
+                             "to --max-length, e.g. --doc-length 4096 --max-length 512 for the truncated baseline")
     args = parser.parse_args(common.argv_or_sys(argv))
     gpu = common.resolve_defaults(args, Task.name)
     accelerator = common.make_accelerator(args, gpu)
-    task = Task(args.max_length, args.evidence)
+    task = Task(args.max_length, args.evidence, args.doc_length)
 
     tokenizer, train_set, eval_set, num_labels = common.load_data(args, task, causal_lm=False)
     num_labels = num_labels or 2  # the built-in task is binary

@@ -95,6 +95,12 @@ def test_classification_data_needs_the_whole_document():
         assert (ids[evidence] == majority).sum() > 7 // 2
     again = task.make(common.example_rng(0, "train", 3))["input_ids"]
     assert np.array_equal(again, task.make(common.example_rng(0, "train", 3))["input_ids"])
+    truncated = finetune_classification.Task(max_length=512, evidence=7, doc_length=2048)
+    for index in range(5):  # the same documents, cut to the first 512 tokens: no evidence left
+        ids = truncated.make(common.example_rng(0, "train", index))["input_ids"]
+        full = task.make(common.example_rng(0, "train", index))["input_ids"]
+        assert len(ids) == 512 and np.array_equal(ids[:-1], full[:511]) and ids[-1] == common.EOS
+        assert not ((ids == common.EVIDENCE_A) | (ids == common.EVIDENCE_B)).any()
 
 
 def test_lm_data_answers_are_far_from_their_queries():
