@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 import hf_flash  # noqa: E402
 from bench_features import fwd_bwd  # noqa: E402
-from bench_kernels import attempt, environment, fmt, sdpa  # noqa: E402
+from bench_kernels import attempt, environment, fmt, pyplot, sdpa  # noqa: E402
 from hf_flash import layouts  # noqa: E402
 
 BATCH, HEADS, HEADDIM, DTYPE, DEVICE = 1, 12, 64, torch.bfloat16, "cuda"
@@ -165,12 +165,8 @@ def markdown(results):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping the plot", flush=True)
+    plt = pyplot()
+    if plt is None:
         return
     labels = [f"{r['case']}\n{r['seqlen'] // 1024}K" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows)), 4.5), squeeze=False)

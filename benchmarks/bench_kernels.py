@@ -443,13 +443,21 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
+def pyplot():
+    """matplotlib.pyplot with a file backend, or None (with a note) when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: skipping the plot", flush=True)
+        return None
+    return plt
+
+
+def plot(rows, path):
+    plt = pyplot()
+    if plt is None:
         return
     rows = [r for r in rows if r["dtype"] == "fp16"] or rows  # one dtype per figure keeps it readable
     combos = sorted({(r["headdim"], r["causal"]) for r in rows})

@@ -34,7 +34,9 @@ import triton
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so the script works from a checkout without installing the package
+sys.path.insert(0, str(REPO / "benchmarks"))
 import hf_flash  # noqa: E402
+from bench_kernels import pyplot  # noqa: E402
 from hf_flash.integration import SPARSITY_CONFIG_KEY, sparsity_layout  # noqa: E402
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,  # noqa: E402
                           GPT2Config)
@@ -289,12 +291,8 @@ def markdown(results):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping the plot", flush=True)
+    plt = pyplot()
+    if plt is None:
         return
     cases = [c for c in CASES if any(r["case"] == c for r in rows)]
     ncols = min(3, len(cases))
