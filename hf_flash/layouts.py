@@ -336,7 +336,7 @@ class BlockSparseLayout:
     block_size: int | tuple[int, int] = 128
     mask_mod: MaskMod | None = None
     # The same element mask as arithmetic the kernels evaluate inline, when mask_mod is built from the
-    # sliding-window, causal and global-token predicates (see _rule_union / _rule_intersection):
+    # sliding-window, causal and global-token predicates (builders set it, `|` / `&` via _combine_rules):
     # (left, right, n_global) = (j - i - diag in [-left, right]) | (i < n_global) | (j < n_global),
     # left/right None meaning "no window term" and RULE_UNBOUNDED an open side. None: use tiles of mask_mod.
     element_rule: tuple | None = None
@@ -458,12 +458,12 @@ class BlockSparseLayout:
         empty = torch.zeros(0, self.block_q, self.block_k, dtype=torch.bool, device=self.device)
         return tile_index, torch.cat([empty, *tiles])
 
-    def kernel_tensors(self, causal: bool = False) -> tuple[list[Tensor], int, int]:
-        """What the block-sparse kernels read, built once per `causal` and cached on the layout.
+    def kernel_tensors(self, is_causal: bool = False) -> tuple[list[Tensor], int, int]:
+        """What the block-sparse kernels read, built once per `is_causal` and cached on the layout.
 
         Returns ([kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
         full_q_num_blocks, full_q_indices, tile_index, tiles, rule], block_q, block_k) where, unlike the layout's
-        own lists, blocks that are full but cross the causal diagonal (with causal) or hold the ragged
+        own lists, blocks that are full but cross the causal diagonal (with is_causal) or hold the ragged
         end of the keys are listed as partial, and blocks wholly above the diagonal are dropped: the
         kernels mask causality and sequence ends only in partial blocks. tile_index (B, H, n_q_blocks,
         n_kv_blocks) int32 points partial blocks that carry a mask_mod to their element mask in tiles
@@ -472,14 +472,11 @@ class BlockSparseLayout:
         rule as int32 (left, right, n_global) for the kernels to evaluate inline (else rule is empty).
         """
         cache = self.__dict__.setdefault("_kernel_tensors", {})
-        if bool(causal) not in cache:
+        if bool(is_causal) not in cache:
             kept, full = self.to_dense(), self.to_dense("full")
-            if causal:
-                q_first, q_last, kv_first, kv_last = _token_ranges(self.seqlen_q, self.seqlen_k, self.block_q,
-                                                                   self.block_k, self.device)
-                diagonal = self.seqlen_k - self.seqlen_q
-                kept = kept & (kv_first <= q_last + diagonal)
-                full = full & (kv_last <= q_first + diagonal)
+            if is_causal:  # the causal builder's block classes: partial on the diagonal, full below it
+                diagonal = causal(self.seqlen_q, self.seqlen_k, self.block_size, self.device)
+                kept, full = kept & diagonal.to_dense(), full & diagonal.to_dense("full")
             if self.seqlen_k % self.block_k:
                 full = full.clone()
                 full[..., -1] = False
@@ -491,7 +488,7 @@ class BlockSparseLayout:
                 if self.element_rule is not None:
                     left, right, n_global = self.element_rule
                     # No window term: an interval no offset reaches. Unbounded: wider than any sequence.
-                    left, right = (-2**30, -2**30) if left is None else (left, right)
+                    left, right = (-RULE_UNBOUNDED, -RULE_UNBOUNDED) if left is None else (left, right)
                     rule = torch.tensor([left, right, n_global], dtype=torch.int32, device=self.device)
             else:
                 tile_index, masks = self.partial_block_masks()
@@ -500,9 +497,9 @@ class BlockSparseLayout:
                 bits = masks.view(*masks.shape[:2], words, 32).to(torch.int64) << torch.arange(32, device=self.device)
                 packed = bits.sum(-1)
                 tiles = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-            cache[bool(causal)] = ([t.contiguous() for t in (*lists, tile_index, tiles, rule)], self.block_q,
+            cache[bool(is_causal)] = ([t.contiguous() for t in (*lists, tile_index, tiles, rule)], self.block_q,
                                    self.block_k)
-        return cache[bool(causal)]
+        return cache[bool(is_causal)]
 
     @property
     def density(self) -> float:

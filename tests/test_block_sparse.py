@@ -120,8 +120,8 @@ def test_fully_dense_layout_equals_dense_kernel(seqlen):
 def test_kernel_lists_demote_diagonal_and_ragged_blocks():
     sq, sk, bs = 75, 75, 16
     layout = L.local(10, sq, sk, bs) | L.global_tokens(3, sq, sk, bs)
-    tensors, block_q, block_k = layout.kernel_tensors(causal=True)
-    assert layout.kernel_tensors(causal=True)[0] is tensors and (block_q, block_k) == (bs, bs)
+    tensors, block_q, block_k = layout.kernel_tensors(is_causal=True)
+    assert layout.kernel_tensors(is_causal=True)[0] is tensors and (block_q, block_k) == (bs, bs)
     kv_num, kv_idx, full_num, full_idx = tensors[:4]
     rebuilt = L.BlockSparseLayout.from_block_masks(L._from_csr(full_num, full_idx, 5), L._from_csr(kv_num, kv_idx, 5),
                                                    sq, sk, bs)
