@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+import triton
 from conftest import DEVICE, ON_GPU, assert_close_2x
 
 import hf_flash
@@ -339,6 +340,24 @@ def test_dropout_mask_statistics(dropout_p):
     # batches, heads and rows each get their own numbers, not copies of one stream
     assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
     assert not torch.equal(keep[:, :, 0], keep[:, :, 1]) and not torch.equal(keep[..., 0], keep[..., 1])
+    # Neighbours share Philox calls (draws of one call are 1 and 8 keys apart): pairs must be independent,
+    # i.e. both kept with probability (1 - p)^2, within 5 standard deviations.
+    for dq, dk in ((0, 1), (0, 2), (0, 8), (0, 16), (0, 32), (1, 0), (8, 0)):
+        a, b = keep[:, :, :keep.shape[2] - dq, :keep.shape[3] - dk], keep[:, :, dq:, dk:]
+        both, m, q2 = (a & b).sum().item(), a.numel(), (1 - dropout_p) ** 2
+        assert abs(both - m * q2) <= 5 * math.sqrt(m * q2 * (1 - q2)), f"keys {dk} / rows {dq} apart are correlated"
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 32), (16, 64), (64, 128)])
+def test_dropout_mask_same_for_every_tile_size(block_m, block_n):
+    """The forward and backward kernels use different tiles; each must draw the same mask."""
+    shape = (2, 3, 70, 200)
+    seed = kernels.draw_dropout_seed(torch.device(DEVICE))
+    ref = kernels.dropout_mask(seed, *shape, 0.3)
+    out = torch.empty(shape, device=DEVICE, dtype=torch.int8)
+    kernels._dropout_mask_kernel[(triton.cdiv(shape[2], block_m) * shape[0] * shape[1],)](
+        seed, out, shape[2], shape[3], 0.3, BLOCK_M=block_m, BLOCK_N=block_n)
+    assert torch.equal(out.bool(), ref)
 
 
 def test_dropout_seed_and_return_lse():

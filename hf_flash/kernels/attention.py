@@ -182,23 +182,45 @@ def _alibi(rows, cols, diag, slope2):
 
 
 @triton.jit
-def _dropout_keep(seed, rng_rows, start_n, SEQ_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Philox keep mask of the (BLOCK_M query rows, BLOCK_N keys from start_n) tile.
 
-    One Philox call yields 128 bits = 8 draws of 16 bits: element (row, j) takes draw j % 8 of
-    counter (row, j // 8), where row = bh * SEQ_Q + i. The forward, both backward kernels and
-    dropout_mask() all build the same tiles, so they see the same mask. p is thus quantised to
-    1/65536 for the keep test, to ceil(p * 65536) / 65536 (the kept values are still scaled by exactly 1 / (1 - p)).
+    One Philox-4x32 call (7 rounds, as in FlashAttention-2) yields 4 words of 2 draws of 16 bits. The
+    call with counter (g, row), where row = bh * SEQ_Q + i, serves the keys 32 * (g // 4) + 8 * w +
+    2 * (g % 4) + e of that row: draw e (low or high half) of word w. That is how a tensor-core
+    accumulator is spread over threads (key pairs 2c, 2c + 1, repeating every 8 keys), so each draw is
+    made by the thread that holds its element. Drawing 8 consecutive keys per call instead needs a
+    shuffle through shared memory, and cost twice as much per element on the H100 (perf-notes.md).
+    Tiles of any size see the same mask, so the forward, both backward kernels and dropout_mask()
+    agree. An element is kept when its draw >= t = min(ceil(p * 65536), 65535): p is quantised up to
+    t / 65536 for the keep test (kept values are still scaled by exactly 1 / (1 - p)). The test is an
+    integer compare in place in the 32-bit word; an int-to-float conversion runs at a quarter of the ALU rate.
     """
-    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-    counters = rng_rows.to(tl.int64)[:, None] * tl.cdiv(SEQ_K, 8) + groups[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counters)
-    r0, r1, r2, r3 = r0.to(tl.uint32, bitcast=True), r1.to(tl.uint32, bitcast=True), \
-        r2.to(tl.uint32, bitcast=True), r3.to(tl.uint32, bitcast=True)
-    draws = tl.join(tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16)),
-                    tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16)))
-    draws = tl.reshape(draws, (BLOCK_M, BLOCK_N))
-    return draws.to(tl.float32) >= dropout_p * 65536.0
+    rows = rng_rows.to(tl.int64)
+    row_hi, row_lo = (rows >> 32).to(tl.uint32)[:, None], rows.to(tl.uint32)[:, None]
+    t = tl.minimum(tl.math.ceil(dropout_p * 65536.0), 65535.0).to(tl.uint32)
+    # The counter goes in as a row and a column vector, so the first Philox round works on vectors.
+    if BLOCK_N >= 32:
+        groups = (start_n // 8 + tl.arange(0, BLOCK_N // 8)).to(tl.uint32)[None, :]
+        w0, w1, w2, w3 = tl.philox(seed, groups, row_hi, row_lo, 0, 7)
+        keep = tl.join(tl.join(_draw_pair_keep(w0, t), _draw_pair_keep(w1, t)),
+                       tl.join(_draw_pair_keep(w2, t), _draw_pair_keep(w3, t)))
+        # (row, g // 4, g % 4, e, w % 2, w // 2) -> key order (g // 4, w // 2, w % 2, g % 4, e)
+        keep = tl.permute(tl.reshape(keep, (BLOCK_M, BLOCK_N // 32, 4, 2, 2, 2)), (0, 1, 5, 4, 2, 3))
+    else:  # a 16-key tile is half a 32-key span: words 0 and 1, or 2 and 3
+        groups = (start_n // 32 * 4 + tl.arange(0, 4)).to(tl.uint32)[None, :]
+        w0, w1, w2, w3 = tl.philox(seed, groups, row_hi, row_lo, 0, 7)
+        second = (start_n // 16) % 2 == 1
+        keep = tl.join(_draw_pair_keep(tl.where(second, w2, w0), t), _draw_pair_keep(tl.where(second, w3, w1), t))
+        keep = tl.permute(keep, (0, 3, 1, 2))  # (row, g, e, w % 2) -> key order (w % 2, g, e)
+    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def _draw_pair_keep(word, t):
+    """Keep flags of the two 16-bit draws (low half, high half) in a Philox word."""
+    word = word.to(tl.uint32, bitcast=True)
+    return tl.join((word & 0xFFFF) >= t, word >= (t << 16))
 
 
 @triton.jit
@@ -342,7 +364,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, rng_rows, start_n, SEQ_K, dropout_p, rows.shape[0], BLOCK_N), p, 0.0)
+            p = tl.where(_dropout_keep(seed, rng_rows, start_n, dropout_p, rows.shape[0], BLOCK_N), p, 0.0)
         v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                        cols, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
         acc = tl.dot(_mm(_cast(p, v.dtype, INTERPRET), INTERPRET), _mm(v, INTERPRET), acc, input_precision=PRECISION)
@@ -488,6 +510,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                     BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                     SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
                     LAYOUT_BK: tl.constexpr):
+    inv_keep = 1.0 / (1.0 - dropout_p)
     for it in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BQ, BLOCK_M), BLOCK_M)
         rows = start_m + offs_m
@@ -514,9 +537,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                         rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
         dp_t = tl.dot(_mm(v, INTERPRET), _mm(tl.trans(do), INTERPRET), input_precision=PRECISION)
         if DROPOUT:
-            kept = tl.trans(_dropout_keep(seed, rng_base + rows, start_n, SEQ_K, dropout_p, BLOCK_M, cols.shape[0]))
-            p_drop_t = tl.where(kept, p_t / (1.0 - dropout_p), 0.0)
-            dp_t = tl.where(kept, dp_t / (1.0 - dropout_p), 0.0)
+            # dV sums the kept P unscaled (the caller scales dV by 1 / (1 - p) once); dP's scale rides the FMA below.
+            kept = tl.trans(_dropout_keep(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0]))
+            p_drop_t = tl.where(kept, p_t, 0.0)
+            dp_t = tl.where(kept, dp_t, 0.0) * inv_keep
         else:
             p_drop_t = p_t
         dv = tl.dot(_mm(_cast(p_drop_t, do.dtype, INTERPRET), INTERPRET), _mm(do, INTERPRET), dv, input_precision=PRECISION)
@@ -631,6 +655,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
 
     mask = (cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
     dk *= sm_scale
+    if DROPOUT:
+        dv *= 1.0 / (1.0 - dropout_p)
     tl.store(DK + off_b * stride_dkb + k_start * stride_dkn + off_hk * stride_dkh
              + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, _cast(dk, DK.dtype.element_ty, INTERPRET), mask=mask)
     tl.store(DV + off_b * stride_dvb + k_start * stride_dvn + off_hk * stride_dvh
@@ -646,6 +672,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                   SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
                   LAYOUT_BK: tl.constexpr):
+    inv_keep = 1.0 / (1.0 - dropout_p)
     for it in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BK, BLOCK_N), BLOCK_N)
         cols = start_n + offs_n
@@ -669,8 +696,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(_mm(do, INTERPRET), _mm(tl.trans(v), INTERPRET), input_precision=PRECISION)
         if DROPOUT:
-            kept = _dropout_keep(seed, rng_rows, start_n, SEQ_K, dropout_p, rows.shape[0], BLOCK_N)
-            dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
+            dp = tl.where(_dropout_keep(seed, rng_rows, start_n, dropout_p, rows.shape[0], BLOCK_N), dp, 0.0) \
+                * inv_keep
         ds = p * (dp - delta[:, None])
         dq = tl.dot(_mm(_cast(ds, k.dtype, INTERPRET), INTERPRET), _mm(k, INTERPRET), dq, input_precision=PRECISION)
     return dq
@@ -770,7 +797,7 @@ def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constex
     seed = tl.load(SEED)
     for start_n in range(0, SEQ_K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, rng_rows, start_n, SEQ_K, dropout_p, BLOCK_M, BLOCK_N)
+        keep = _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
         tl.store(OUT + rng_rows[:, None] * SEQ_K + cols[None, :], keep.to(tl.int8),
                  mask=(rows[:, None] < SEQ_Q) & (cols[None, :] < SEQ_K))
 
