@@ -23,15 +23,20 @@ import common  # noqa: E402
 from common import BOS, EOS, EVIDENCE_A, FIRST_FREE, SYNTH_VOCAB  # noqa: E402
 
 
+# Built-in task: one evidence token per EVIDENCE_SPACING positions of the evidence span (7 per 256), at least 7.
+EVIDENCE_SPACING = 36
+
+
 class Task:
     name = "finetune_classification"
 
-    def __init__(self, max_length, evidence, doc_length=None):
+    def __init__(self, max_length, evidence=None, doc_length=None):
         doc_length = doc_length or max_length
-        if doc_length < evidence + 4:
+        self.horizon = max(1, min(512, doc_length // 2))
+        evidence = evidence or max(7, (doc_length - self.horizon) // EVIDENCE_SPACING)
+        if doc_length - 1 - self.horizon < evidence:
             raise SystemExit(f"--doc-length {doc_length} is too short for {evidence} evidence tokens")
         self.max_length, self.doc_length, self.evidence = max_length, doc_length, evidence
-        self.horizon = max(1, min(512, doc_length // 2))
 
     def make(self, rng):
         """One example: input_ids (max_length,), labels () in {0, 1}. A document longer than max_length
@@ -40,7 +45,7 @@ class Task:
         label = int(rng.integers(2))
         ids = rng.integers(FIRST_FREE, SYNTH_VOCAB, size=n)
         ids[0], ids[-1] = BOS, EOS
-        minority = int(rng.integers(0, (k - 1) // 2 + 1))
+        minority = int(rng.integers(0, k // 4 + 1))
         positions = rng.choice(np.arange(self.horizon, n - 1), size=k, replace=False)
         kinds = np.full(k, label)
         kinds[:minority] = 1 - label
@@ -75,7 +80,9 @@ def build_model(args, num_labels, tokenizer):
 
 def main(argv=None):
     parser = common.build_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--evidence", type=int, default=7, help="built-in task: evidence tokens per document")
+    parser.add_argument("--evidence", type=int, default=None,
+                        help=f"built-in task: evidence tokens per document (default: one per {EVIDENCE_SPACING} "
+                             f"positions of [H, doc length), at least 7; 99 for 4096)")
     parser.add_argument("--doc-length", type=int, default=None,
                         help="built-in task: document length (default --max-length); longer documents are truncated "
                              "to --max-length, e.g. --doc-length 4096 --max-length 512 for the truncated baseline")

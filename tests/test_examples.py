@@ -85,17 +85,19 @@ def test_epochs_instead_of_steps(tmp_path):
 
 
 def test_classification_data_needs_the_whole_document():
-    task = finetune_classification.Task(max_length=2048, evidence=7)
+    task = finetune_classification.Task(max_length=2048)
+    assert task.evidence == (2048 - 512) // 36  # constant density: 7 per 256 positions of [512, 2048)
+    assert finetune_classification.Task(512).evidence == 7 and finetune_classification.Task(64).evidence == 7
     for index in range(20):
         item = task.make(common.example_rng(0, "train", index))
         ids, label = item["input_ids"], int(item["labels"])
         evidence = np.flatnonzero((ids == common.EVIDENCE_A) | (ids == common.EVIDENCE_B))
-        assert len(evidence) == 7 and evidence.min() >= 512  # truncation to 512 keeps no evidence
+        assert len(evidence) == task.evidence and evidence.min() >= 512  # truncation to 512 keeps no evidence
         majority = common.EVIDENCE_A + label
-        assert (ids[evidence] == majority).sum() > 7 // 2
+        assert (ids[evidence] == majority).sum() >= task.evidence - task.evidence // 4  # a clear majority
     again = task.make(common.example_rng(0, "train", 3))["input_ids"]
     assert np.array_equal(again, task.make(common.example_rng(0, "train", 3))["input_ids"])
-    truncated = finetune_classification.Task(max_length=512, evidence=7, doc_length=2048)
+    truncated = finetune_classification.Task(max_length=512, doc_length=2048)
     for index in range(5):  # the same documents, cut to the first 512 tokens: no evidence left
         ids = truncated.make(common.example_rng(0, "train", index))["input_ids"]
         full = task.make(common.example_rng(0, "train", index))["input_ids"]
