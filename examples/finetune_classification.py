@@ -5,11 +5,15 @@
         --mixed-precision bf16 --gradient-checkpointing                        # position table extended to 4096
     python examples/finetune_classification.py --model my-bert --train-file docs.jsonl   # {"text", "label"} rows
 
-Built-in task ("majority evidence"): a [CLS] ... [SEP] sequence of random filler tokens in which `--evidence`
-tokens of two kinds, A and B, are scattered uniformly over positions [H, doc_length), H = min(512, doc_length // 2);
-the label is the kind in the majority (the minority kind gets 0 .. (evidence - 1) // 2 tokens). The first H tokens
-never hold evidence, so a model that sees only the first 512 tokens (or half of a shorter sequence) is at chance
-(50%); the answer needs evidence collected from across the whole document.
+Built-in task ("majority evidence"): a [CLS] ... [SEP] document of doc_length random filler tokens (--doc-length,
+default --max-length) in which k evidence tokens of two kinds, A and B, sit at distinct positions drawn uniformly
+from [H, doc_length - 1), H = min(512, doc_length // 2). The label is the kind in the majority; the minority kind
+gets 0 .. k // 4 tokens (uniformly), so the majority holds at least 3/4 of the evidence. k is --evidence, by default
+max(7, (doc_length - H) // 36): one per 36 positions of the evidence span (7 at 512 tokens, 14 at 1024, 42 at 2048,
+99 at 4096), a density that does not fall as documents grow (7 tokens in 4096, possibly won 4 to 3, left a
+pretrained MiniLM at chance). The first H tokens never hold evidence, so a model that sees only the first 512 tokens
+(--doc-length 4096 --max-length 512: the same documents, truncated) or half of a shorter document is at chance (50%);
+the answer needs evidence collected from across the whole document.
 """
 
 import os
@@ -23,8 +27,7 @@ import common  # noqa: E402
 from common import BOS, EOS, EVIDENCE_A, FIRST_FREE, SYNTH_VOCAB  # noqa: E402
 
 
-# Built-in task: one evidence token per EVIDENCE_SPACING positions of the evidence span (7 per 256), at least 7.
-EVIDENCE_SPACING = 36
+EVIDENCE_SPACING = 36  # built-in task: default evidence tokens, one per 36 positions of [H, doc_length)
 
 
 class Task:
@@ -81,8 +84,8 @@ def build_model(args, num_labels, tokenizer):
 def main(argv=None):
     parser = common.build_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--evidence", type=int, default=None,
-                        help=f"built-in task: evidence tokens per document (default: one per {EVIDENCE_SPACING} "
-                             f"positions of [H, doc length), at least 7; 99 for 4096)")
+                        help=f"built-in task: evidence tokens per document; None: one per {EVIDENCE_SPACING} positions "
+                             f"after the first min(512, doc length // 2), at least 7 (99 at 4096)")
     parser.add_argument("--doc-length", type=int, default=None,
                         help="built-in task: document length (default --max-length); longer documents are truncated "
                              "to --max-length, e.g. --doc-length 4096 --max-length 512 for the truncated baseline")
