@@ -144,7 +144,9 @@ def make_batch(family, vocab_size, seqlen, batch, device):
 
 
 def time_steps(model, inputs, steps, warmup, device):
-    """Median step seconds, peak bytes (over warm-up and timed steps, AdamW states included) and the last loss."""
+    """Median step seconds, median host seconds (until the step's last kernel is enqueued: close to the step time
+    means the step is host-bound, so per-call launch overhead, not kernel speed, sets it), peak bytes (over warm-up
+    and timed steps, AdamW states included) and the last loss."""
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     model.train()
@@ -162,15 +164,16 @@ def time_steps(model, inputs, steps, warmup, device):
         torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
-    times = []
+    times, host = [], []
     for _ in range(steps):
         sync()
         start = time.perf_counter()
         loss = step()
+        host.append(time.perf_counter() - start)
         sync()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    return statistics.median(times), peak, loss.item()
+    return statistics.median(times), statistics.median(host), peak, loss.item()
 
 
 def eager_skip_reason(model_name, seqlen, batch, forced, device):
@@ -201,8 +204,8 @@ def run_row(case, impl, seqlen, batch, args, device):
     try:
         model, family = build_model(case, impl, seqlen, args, device)
         inputs = make_batch(family, model.config.vocab_size, seqlen, batch, device)
-        seconds, peak, loss = time_steps(model, inputs, steps, warmup, device)
-        row.update(step_ms=seconds * 1e3, tokens_per_s=seqlen * batch / seconds, sequences_per_s=batch / seconds,
+        seconds, host_seconds, peak, loss = time_steps(model, inputs, steps, warmup, device)
+        row.update(step_ms=seconds * 1e3, host_ms=host_seconds * 1e3, tokens_per_s=seqlen * batch / seconds, sequences_per_s=batch / seconds,
                    peak_gib=None if peak is None else peak / 2**30, loss=loss, steps=steps, warmup=warmup)
     except torch.cuda.OutOfMemoryError:
         row["error"] = "OOM"
@@ -272,17 +275,18 @@ def markdown(results):
               f"{'fp32 (CPU smoke)' if env['gpu'] == 'cpu' else 'bf16 autocast over fp32 weights'}; median of "
               f"{results['steps']} steps after {results['warmup']} warm-up (at most 3 after 1 from 16K on). Sparse "
               f"layouts: counts in blocks of `block` tokens, and the fraction of blocks kept. ÷ sdpa / ÷ eager: "
-              f"tokens/s ratio (> 1 is faster); mem ÷ sdpa: peak memory ratio (< 1 is less)."]
+              f"tokens/s ratio (> 1 is faster); mem ÷ sdpa: peak memory ratio (< 1 is less). host ms: time until the "
+              f"step's last kernel is enqueued (near the step time: host-bound)."]
     for case, (_, _, _, description) in CASES.items():
         rows = [r for r in results["rows"] if r["case"] == case]
         if not rows:
             continue
         lines += ["", f"## {case}: {description}", "",
-                  "| seqlen × batch | attn | sparse layout: density | step ms | tokens/s | peak GiB | ÷ sdpa "
-                  "| ÷ eager | mem ÷ sdpa | note |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| seqlen × batch | attn | sparse layout: density | step ms | host ms | tokens/s | peak GiB | ÷ sdpa "
+                  "| ÷ eager | mem ÷ sdpa | note |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             tps = r.get("tokens_per_s")
-            cells = [f"{r['seqlen']} × {r['batch']}", r["impl"], layout_text(r), fmt(r.get("step_ms")),
+            cells = [f"{r['seqlen']} × {r['batch']}", r["impl"], layout_text(r), fmt(r.get("step_ms")), fmt(r.get("host_ms")),
                      "—" if tps is None else f"{tps / 1e3:.1f}k", fmt(r.get("peak_gib")),
                      fmt(r.get("speed_vs_sdpa"), ".2f", "×"), fmt(r.get("speed_vs_eager"), ".2f", "×"),
                      fmt(r.get("mem_vs_sdpa"), ".2f", "×"), note(r.get("error"))]
@@ -384,7 +388,7 @@ def main(argv=None):
         row = run_row(case, impl, n, b, args, device)
         results["rows"].append(row)
         density = f" density {row['density']:.3f}" if "density" in row else ""
-        outcome = row["error"] or (f"{row['step_ms']:.1f} ms, {row['tokens_per_s'] / 1e3:.1f}k tokens/s, "
+        outcome = row["error"] or (f"{row['step_ms']:.1f} ms (host {row['host_ms']:.1f}), {row['tokens_per_s'] / 1e3:.1f}k tokens/s, "
                                    f"peak {fmt(row['peak_gib'], '.2f')} GiB, loss {row['loss']:.3f}")
         print(f"[{i}/{len(grid)}] {case} {n}x{b} {impl}{density}: {outcome} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
