@@ -40,6 +40,20 @@ def assert_close_2x(ours, ref, pt, name, norm="max"):
     assert err <= 2 * pt_err + floor, f"{name}: max error {err:.3e} > 2 x PyTorch's {pt_err:.3e} + {floor:.1e}"
 
 
+def assert_compiled_matches(loss_fn, inputs, loss_atol, grad_atol):
+    """torch.compile(loss_fn, fullgraph=True) (which raises on any graph break) gives eager's loss and
+    input gradients. Inductor on the GPU; aot_eager on the CPU, where the kernels are interpreted."""
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    loss = compiled(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    ref_loss = loss_fn(*inputs)
+    ref_grads = torch.autograd.grad(ref_loss, inputs)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-3, atol=loss_atol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=grad_atol)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
