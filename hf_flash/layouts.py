@@ -342,6 +342,9 @@ class BlockSparseLayout:
     element_rule: tuple | None = None
 
     def __post_init__(self):
+        # kernel_tensors() results per is_causal. A plain attribute, not __dict__.setdefault: Dynamo
+        # traces attribute and dict updates, but not calls on an instance's __dict__.
+        self._kernel_tensors = {}
         self.seqlen_q, self.seqlen_k, block_q, block_k = _grid(self.seqlen_q, self.seqlen_k, self.block_size)
         self.block_size = block_q if block_q == block_k else (block_q, block_k)
         if self.mask_mod is not None:
@@ -471,7 +474,7 @@ class BlockSparseLayout:
         -1 elsewhere. Both are empty when the layout has no mask_mod or has an element_rule, which goes to
         rule as int32 (left, right, n_global) for the kernels to evaluate inline (else rule is empty).
         """
-        cache = self.__dict__.setdefault("_kernel_tensors", {})
+        cache = self._kernel_tensors
         if bool(is_causal) not in cache:
             kept, full = self.to_dense(), self.to_dense("full")
             if is_causal:  # the causal builder's block classes: partial on the diagonal, full below it

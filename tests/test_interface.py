@@ -213,6 +213,7 @@ def test_every_config_is_exact(index, head_dim, dtype, monkeypatch):
     """Each autotuning candidate computes the same function, whichever the tuner picks."""
     monkeypatch.setattr(kernels, "AUTOTUNE", True)
     monkeypatch.setattr(kernels, "_CHOSEN", {})
+    monkeypatch.setattr(kernels, "_COMPILED", {})
     for kernel in (kernels._attn_fwd, kernels._attn_bwd_dkdv, kernels._attn_bwd_dq):
         configs = kernels._prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=head_dim)
         monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])

@@ -1,5 +1,6 @@
 """Block-sparse layouts against brute-force dense masks: builders, CSR fields, | and &, densities."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -386,10 +387,11 @@ def test_union_with_a_non_layout_is_a_type_error():
 
 def test_direct_construction_checks_fields():
     layout = L.causal(300, block_size=64)
+    fields = {f.name: getattr(layout, f.name) for f in dataclasses.fields(layout)}
     with pytest.raises(TypeError, match="kv_indices"):
-        BlockSparseLayout(**{**vars(layout), "kv_indices": layout.kv_indices.long()})
+        BlockSparseLayout(**{**fields, "kv_indices": layout.kv_indices.long()})
     with pytest.raises(ValueError, match="q_num_blocks"):
-        BlockSparseLayout(**{**vars(layout), "q_num_blocks": layout.q_num_blocks[..., :-1]})
+        BlockSparseLayout(**{**fields, "q_num_blocks": layout.q_num_blocks[..., :-1]})
 
 
 @pytest.mark.parametrize("grid", [GRIDS[3], GRIDS[6]], ids=_grid_id)

@@ -16,6 +16,7 @@ counters), key and query padding masks.
 Read top to bottom: configs, jit helpers, forward, backward, launchers, custom ops with autograd.
 """
 
+import operator
 import os
 
 import torch
@@ -470,36 +471,14 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
 
 
 # --------------------------------------------------------------------------------------------
-# Backward: delta = rowsum(dO * O) - dLSE, then dK/dV (one program per key block, looping over the
-# query heads of its KV group, so no atomics), then dQ (one program per query block).
+# Backward: two launches. First dQ (one program per query block), which also computes and stores
+# delta = rowsum(dO * O) - dLSE for its rows; then dK/dV (one program per key block, looping over the
+# query heads of its KV group, so no atomics), which reads delta.
 #
 # Query rows past seqlen_q load as q = 0, dO = 0, LSE = +inf, so their probabilities are exactly 0
 # and need no mask. Key rows past seqlen_k only touch dK/dV rows that are never stored, but in dQ
 # they must be masked like in the forward. With dropout, dS = P * (dropped(dP) / (1 - p) - delta).
 # --------------------------------------------------------------------------------------------
-
-@triton.jit
-def _attn_bwd_preprocess(O, DO, DLSE, Delta,
-                         stride_ob, stride_om, stride_oh, stride_od,
-                         stride_dob, stride_dom, stride_doh, stride_dod,
-                         NHEADS, SEQ_Q,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
-                         BLOCK_M: tl.constexpr):
-    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), False)
-    off_b = (off_bh // NHEADS).to(tl.int64)
-    off_h = (off_bh % NHEADS).to(tl.int64)
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                   offs_m, SEQ_Q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, offs_m, SEQ_Q, offs_d, HEAD_DIM, BLOCK_D, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row = off_bh.to(tl.int64) * SEQ_Q + offs_m
-    if HAS_DLSE:  # d lse_i / d s_ij = p_ij, which folds into delta
-        delta -= tl.load(DLSE + row, mask=offs_m < SEQ_Q, other=0.0)
-    tl.store(Delta + row, delta, mask=offs_m < SEQ_Q)
-
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
@@ -705,11 +684,12 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
 
 @triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE, ALIBI, SEED,
+def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE, ALIBI, SEED,
                  LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ly_sb, ly_sh,
                  stride_qb, stride_qm, stride_qh, stride_qd,
                  stride_kb, stride_kn, stride_kh, stride_kd,
                  stride_vb, stride_vn, stride_vh, stride_vd,
+                 stride_ob, stride_om, stride_oh, stride_od,
                  stride_dob, stride_dom, stride_doh, stride_dod,
                  stride_dqb, stride_dqm, stride_dqh, stride_dqd,
                  stride_lb, stride_lh, stride_kpm, stride_ab, stride_ah,
@@ -719,7 +699,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE, ALIBI, S
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                  SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
-              LAYOUT_BK: tl.constexpr,
+                 LAYOUT_BK: tl.constexpr, HAS_DLSE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), HAS_RIGHT)
     off_b = (off_bh // NHEADS).to(tl.int64)
@@ -739,9 +719,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE, ALIBI, S
                    + offs_d[None, :] * stride_qd, rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     do = _load_rows(DO + off_b * stride_dob + (q_start + rows[:, None]) * stride_dom + off_h * stride_doh
                     + offs_d[None, :] * stride_dod, rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    o = _load_rows(O + off_b * stride_ob + (q_start + rows[:, None]) * stride_om + off_h * stride_oh
+                   + offs_d[None, :] * stride_od, rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     lse_ptrs = off_b * stride_lb + off_h * stride_lh + q_start + rows
     lse2 = tl.load(LSE + lse_ptrs, mask=rows < seq_q, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + lse_ptrs, mask=rows < seq_q, other=0.0)
+    # delta = rowsum(dO * O) - dLSE (d lse_i / d s_ij = p_ij folds into it), stored for the dK/dV kernel,
+    # which runs after this one: computed here rather than in a kernel of its own, to save a launch.
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + lse_ptrs, mask=rows < seq_q, other=0.0)
+    tl.store(Delta + lse_ptrs, delta, mask=rows < seq_q)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     diag = seq_k - seq_q
@@ -809,20 +796,61 @@ def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constex
 
 # (kernel, q dtype, tune-key values) -> the Config the autotuner chose for them.
 _CHOSEN = {}
+# (kernel, launch key) -> (compiled kernel's launcher, function, packed metadata, config), see _launch.
+_COMPILED = {}
+# kernel -> (getter of its non-autotuned arguments from the kwargs, number of leading pointer arguments)
+_SIGNATURES = {}
+_META = ("BLOCK_M", "BLOCK_N")  # the autotuned parameters, last in every kernel's signature
+_driver = None
 
 
-def _launch(kernel, grid, *args, **kwargs):
-    """kernel[grid](*args, **kwargs). Once the autotuner has chosen a config for this tune key, later calls go
-    straight to the compiled kernel: the autotuner's own per-call bookkeeping (it rebuilds dicts of all ~60
-    arguments and scans them) is host time that short and block-sparse calls cannot hide."""
-    key = (kernel, args[0].dtype, *(kwargs[name] for name in _TUNE_KEY))
-    config = _CHOSEN.get(key)
+def _launch(kernel, grid, **kwargs):
+    """kernel[grid](**kwargs), by a short path after the first call with the same launch key.
+
+    Triton's launch path binds the ~70 arguments by name and specialises each, and the autotuner
+    rebuilds dicts of them: ~60 us of host time per launch on an H100 host, more than short and
+    block-sparse kernels take on the GPU. What Triton compiles for a call depends on the constexprs,
+    the integers (it specialises on divisibility by 16 and on == 1), and the dtype and 16-byte
+    alignment of each pointer. The launch key holds all of these (the integers by value), so the
+    cached kernel is the one Triton would pick, and the call goes straight to its C launcher.
+    """
+    global _driver
+    signature = _SIGNATURES.get(kernel)
+    if signature is None:  # every kernel takes its pointers first (disabled ones get a dummy tensor)
+        names = kernel.arg_names[:-len(_META)]
+        n_ptr = next(i for i, name in enumerate(names) if not isinstance(kwargs[name], torch.Tensor))
+        signature = _SIGNATURES[kernel] = (operator.itemgetter(*names), n_ptr)
+    getter, n_ptr = signature
+    values = getter(kwargs)
+    ptrs = values[:n_ptr]
+    key = (kernel, values[n_ptr:], tuple(p.dtype for p in ptrs), tuple(p.data_ptr() % 16 for p in ptrs))
+    entry = _COMPILED.get(key)
+    if entry is not None and not _launch_hooks():
+        run, function, metadata, config = entry
+        device = _driver.get_current_device()
+        run(grid(config)[0], 1, 1, _driver.get_current_stream(device), function, metadata, None, None, None,
+            *values, *(config[name] for name in _META))
+        return
+    tune_key = (kernel, kwargs["Q"].dtype, *(kwargs[name] for name in _TUNE_KEY))
+    config = _CHOSEN.get(tune_key)
     if config is None:
-        kernel[grid](*args, **kwargs)
-        if getattr(kernel, "best_config", None) is not None:
-            _CHOSEN[key] = kernel.best_config
+        compiled = kernel[grid](**kwargs)
+        config = kernel.best_config
+        _CHOSEN[tune_key] = config
     else:
-        kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
+        compiled = kernel.fn.run(grid=grid, warmup=False, **kwargs, **config.all_kwargs())
+    if not INTERPRET:  # the interpreter has no compiled kernel
+        if len(_COMPILED) > 4096:  # many distinct lengths (e.g. padded to the batch's longest): start over
+            _COMPILED.clear()
+        _driver = triton.runtime.driver.active
+        _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, config.kwargs)
+
+
+def _launch_hooks():
+    """Whether a profiler (e.g. proton) has launch hooks registered: then launches take Triton's own path.
+    (A chain of hooks, empty by default, in Triton >= 3.5; None or a function before.)"""
+    hook = triton.knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _bucket(n):
@@ -935,15 +963,18 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     (q4, qs), (k4, ks), (v4, vs), (o4, os_) = (_as_4d(t, varlen) for t in (q, k, v, out))
     grid = lambda cfg: (triton.cdiv(args["SEQ_Q"], cfg["BLOCK_M"]) * batch * nheads,)
     layout_kv, _ = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
-    _launch(_attn_fwd, grid, q4, k4, v4, o4, lse, **ptrs, **layout_kv, QPM=qpm if qpm is not None else q,
+    _launch(_attn_fwd, grid, Q=q4, K=k4, V=v4, O=o4, LSE=lse, **ptrs, **layout_kv, QPM=qpm if qpm is not None else q,
                     stride_qpm=qpm.stride(0) if qpm is not None else 0, HAS_QPM=qpm is not None,
                     **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_), **args)
     return out, lse
 
 
+_STRIDE_NAMES = {name: tuple(f"stride_{name}{axis}" for axis in ("b", "m" if name in ("q", "o", "do", "dq") else "n", "h", "d"))
+                 for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
+
+
 def _strides(name, strides):
-    return {f"stride_{name}{axis}": s for axis, s in zip(("b", "m" if name in ("q", "o", "do", "dq") else "n", "h", "d"),
-                                                          strides)}
+    return dict(zip(_STRIDE_NAMES[name], strides))
 
 
 def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -962,27 +993,21 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
     (q4, qs), (k4, ks), (v4, vs), (o4, os_), (do4, dos) = (_as_4d(t, varlen) for t in (q, k, v, out, dout))
     (dq4, dqs), (dk4, dks), (dv4, dvs) = (_as_4d(t, varlen) for t in (dq, dk, dv))
 
-    # delta is row-wise, so packed sequences are processed as one long row of total_q tokens.
-    delta = torch.empty_like(lse)
-    rows = q.shape[0] if varlen else q.shape[1]
-    block_pre = 64
+    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     if dlse is not None:
         dlse = dlse.contiguous()
-    _attn_bwd_preprocess[(triton.cdiv(rows, block_pre) * (1 if varlen else q.shape[0]) * nheads,)](
-        o4, do4, dlse if dlse is not None else lse, delta, *o4.stride(), *do4.stride(), nheads, rows,
-        HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=block_pre)
-
     scales = dict(sm_scale=softmax_scale)
     kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
-    grid_kv = lambda cfg: (triton.cdiv(args["SEQ_K"], cfg["BLOCK_N"]) * batch * nheads_kv,)
     layout_kv, layout_q = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
-    _launch(_attn_bwd_dkdv, grid_kv, q4, k4, v4, do4, lse, delta, dk4, dv4, **kv_ptrs, **layout_q,
-                            **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
-                            **_strides("dk", dks), **_strides("dv", dvs), **scales, **args)
     grid_q = lambda cfg: (triton.cdiv(args["SEQ_Q"], cfg["BLOCK_M"]) * batch * nheads,)
-    _launch(_attn_bwd_dq, grid_q, q4, k4, v4, do4, lse, delta, dq4, **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"],
-                         **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
-                         **_strides("dq", dqs), **scales, **args)
+    _launch(_attn_bwd_dq, grid_q, Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse,
+            Delta=delta, DQ=dq4, **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
+            **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_),
+            **_strides("do", dos), **_strides("dq", dqs), **scales, **args)
+    grid_kv = lambda cfg: (triton.cdiv(args["SEQ_K"], cfg["BLOCK_N"]) * batch * nheads_kv,)
+    _launch(_attn_bwd_dkdv, grid_kv, Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, **kv_ptrs, **layout_q,
+            **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
+            **_strides("dk", dks), **_strides("dv", dvs), **scales, **args)
     return dq, dk, dv
 
 
@@ -1060,17 +1085,20 @@ attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerAttention(torch.autograd.Function):
     """The same forward/backward without the custom-op dispatcher, which costs ~100 us of host time
-    per call in eager mode (more than the kernels themselves at short lengths)."""
+    per call in eager mode (more than the kernels themselves at short lengths). The arguments after
+    q, k, v come as one tuple: apply() inspects each argument it is given, ~1 us apiece."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, q, k, v, rest):
+        inputs = (q, k, v, *rest)
         out, lse = attention_forward(*inputs)
         _setup_context(ctx, inputs, (out, lse))
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _backward(ctx, dout, dlse, backward_fn=attention_backward)
+        dq, dk, dv, *_ = _backward(ctx, dout, dlse, backward_fn=attention_backward)
+        return dq, dk, dv, None
 
 
 def run_attention(*inputs):
@@ -1080,4 +1108,5 @@ def run_attention(*inputs):
     torch.compile, a plain autograd.Function eagerly. layout_tensors is [] for dense attention."""
     if torch.compiler.is_compiling():
         return attention_fwd_op(*inputs)
-    return _EagerAttention.apply(*inputs)
+    q, k, v, *rest = inputs
+    return _EagerAttention.apply(q, k, v, rest)
