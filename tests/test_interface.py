@@ -98,12 +98,19 @@ def test_lse_gradient():
     q, k, v = _qkv(1, 2, 1, 45, 77, 40, torch.float32)
     out, lse = hf_flash.flash_attn_func(q, k, v, causal=True, return_lse=True)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-    grads = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), (q, k, v))
+    grads = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), (q, k, v), retain_graph=True)
     ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = attention_reference(*ref_inputs, causal=True)
-    ref_grads = torch.autograd.grad((ref_out * dout).sum() + (ref_lse * dlse).sum(), ref_inputs)
+    ref_grads = torch.autograd.grad((ref_out * dout).sum() + (ref_lse * dlse).sum(), ref_inputs, retain_graph=True)
     for ours, ref in zip(grads, ref_grads):
         torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-5)
+    # Either output alone (the other's gradient arrives as None, not as zeros).
+    for used in (0, 1):
+        grads = torch.autograd.grad((out, lse)[used].mul((dout, dlse)[used]).sum(), (q, k, v), retain_graph=True)
+        ref_grads = torch.autograd.grad((ref_out, ref_lse)[used].mul((dout, dlse)[used]).sum(), ref_inputs,
+                                        retain_graph=True, allow_unused=True, materialize_grads=True)
+        for ours, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_zero_length():

@@ -823,7 +823,7 @@ def _launch(kernel, grid, **kwargs):
     getter, n_ptr = signature
     values = getter(kwargs)
     ptrs = values[:n_ptr]
-    key = (kernel, values[n_ptr:], tuple(p.dtype for p in ptrs), tuple(p.data_ptr() % 16 for p in ptrs))
+    key = (kernel, values[n_ptr:], *[p.dtype for p in ptrs], *[p.data_ptr() % 16 for p in ptrs])
     entry = _COMPILED.get(key)
     if entry is not None and not _launch_hooks():
         run, function, metadata, config = entry
@@ -1069,6 +1069,8 @@ def _backward(ctx, dout, dlse, backward_fn=attention_bwd_op):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed, *layout = ctx.saved_tensors
     max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p, layout_block_q, layout_block_k = \
         ctx.config
+    if dout is None:  # only the lse was used (the eager path does not materialise zero gradients)
+        dout = torch.zeros_like(out)
     dq, dk, dv = backward_fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, key_padding_mask, alibi_slopes, seed, softmax_scale,
                              window_left, window_right, dropout_p, layout,
@@ -1090,6 +1092,8 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, rest):
+        # An unused lse gets dlse = None instead of a tensor of zeros: no fill kernel, no dlse read.
+        ctx.set_materialize_grads(False)
         inputs = (q, k, v, *rest)
         out, lse = attention_forward(*inputs)
         _setup_context(ctx, inputs, (out, lse))
