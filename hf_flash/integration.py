@@ -297,6 +297,11 @@ def _prepare(module, query, key, value, attention_mask, dropout, scaling, is_cau
     return q, k, v, plan, None if scaling is None else float(scaling), dropout_p, v_head_dim
 
 
+def _drop_head_padding(out, v_head_dim):
+    """The output without the zero columns _prepare added (a view costs host time: only when there are some)."""
+    return out if out.shape[-1] == v_head_dim else out[..., :v_head_dim]
+
+
 def hf_triton_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                 is_causal=None, sliding_window=None, **kwargs):
     """AttentionInterface entry for "hf_triton".
@@ -312,7 +317,7 @@ def hf_triton_attention_forward(module, query, key, value, attention_mask, dropo
     q, k, v, plan, scale, dropout_p, v_head_dim = _prepare(module, query, key, value, attention_mask, dropout, scaling,
                                                            is_causal, sliding_window, kwargs)
     out = _run(q, k, v, plan, scale, dropout_p)
-    return out[..., :v_head_dim], None
+    return _drop_head_padding(out, v_head_dim), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +418,7 @@ def hf_triton_sparse_attention_forward(module, query, key, value, attention_mask
                 if dropout_p > 0 else None)
         out = attention_reference(q, k, v, causal=plan.causal, softmax_scale=scale, key_padding_mask=plan.key_padding,
                                   dropout_p=dropout_p, dropout_mask=keep, attn_mask=layout.to_dense_elements())[0]
-    return out[..., :v_head_dim], None
+    return _drop_head_padding(out, v_head_dim), None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -796,7 +796,7 @@ def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constex
 
 # (kernel, q dtype, tune-key values) -> the Config the autotuner chose for them.
 _CHOSEN = {}
-# (kernel, launch key) -> (compiled kernel's launcher, function, packed metadata, config), see _launch.
+# launch key -> (compiled kernel's launcher, function, packed metadata, config, its BLOCK_M and BLOCK_N), see _launch.
 _COMPILED = {}
 # kernel -> (getter of its non-autotuned arguments from the kwargs, number of leading pointer arguments)
 _SIGNATURES = {}
@@ -804,15 +804,19 @@ _META = ("BLOCK_M", "BLOCK_N")  # the autotuned parameters, last in every kernel
 _driver = None
 
 
-def _launch(kernel, grid, **kwargs):
-    """kernel[grid](**kwargs), by a short path after the first call with the same launch key.
+def _launch(kernel, rows, block, programs, **kwargs):
+    """kernel[grid](**kwargs) on the 1-D grid of cdiv(rows, BLOCK) * programs programs, where BLOCK is the
+    config's `block` ("BLOCK_M" or "BLOCK_N"); by a short path after the first call with the same launch key.
 
     Triton's launch path binds the ~70 arguments by name and specialises each, and the autotuner
     rebuilds dicts of them: ~60 us of host time per launch on an H100 host, more than short and
     block-sparse kernels take on the GPU. What Triton compiles for a call depends on the constexprs,
     the integers (it specialises on divisibility by 16 and on == 1), and the dtype and 16-byte
-    alignment of each pointer. The launch key holds all of these (the integers by value), so the
-    cached kernel is the one Triton would pick, and the call goes straight to its C launcher.
+    alignment of each pointer. The launch key holds all of these (the integers by value; pointer dtypes
+    as q's dtype, because every other pointer's dtype is fixed by the callers: int32 lengths and layouts,
+    bool masks, fp32 lse and slopes, int64 seed), so the cached kernel is the one Triton would pick, and
+    the call goes straight to its C launcher. Pointers go in as integer addresses: given a tensor, the
+    launcher would call data_ptr() and query the driver (cuPointerGetAttribute) for each of ~20 pointers.
     """
     global _driver
     signature = _SIGNATURES.get(kernel)
@@ -822,15 +826,17 @@ def _launch(kernel, grid, **kwargs):
         signature = _SIGNATURES[kernel] = (operator.itemgetter(*names), n_ptr)
     getter, n_ptr = signature
     values = getter(kwargs)
-    ptrs = values[:n_ptr]
-    key = (kernel, values[n_ptr:], *[p.dtype for p in ptrs], *[p.data_ptr() % 16 for p in ptrs])
+    addresses = [p.data_ptr() for p in values[:n_ptr]]
+    scalars = values[n_ptr:]
+    key = (kernel, kwargs["Q"].dtype, scalars, *[a % 16 for a in addresses])
     entry = _COMPILED.get(key)
     if entry is not None and not _launch_hooks():
-        run, function, metadata, config = entry
-        device = _driver.get_current_device()
-        run(grid(config)[0], 1, 1, _driver.get_current_stream(device), function, metadata, None, None, None,
-            *values, *(config[name] for name in _META))
+        run, function, metadata, config, meta = entry
+        grid_x = (rows + config[block] - 1) // config[block] * programs
+        run(grid_x, 1, 1, _driver.get_current_stream(_driver.get_current_device()), function, metadata, None, None,
+            None, *addresses, *scalars, *meta)
         return
+    grid = lambda cfg: (triton.cdiv(rows, cfg[block]) * programs,)
     tune_key = (kernel, kwargs["Q"].dtype, *(kwargs[name] for name in _TUNE_KEY))
     config = _CHOSEN.get(tune_key)
     if config is None:
@@ -843,7 +849,8 @@ def _launch(kernel, grid, **kwargs):
         if len(_COMPILED) > 4096:  # many distinct lengths (e.g. padded to the batch's longest): start over
             _COMPILED.clear()
         _driver = triton.runtime.driver.active
-        _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, config.kwargs)
+        _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, config.kwargs,
+                          tuple(config.kwargs[name] for name in _META))
 
 
 def _launch_hooks():
@@ -946,8 +953,10 @@ def _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
                       query_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
-                      layout_tensors=(), layout_block_q=0, layout_block_k=0):
-    """Returns out (shape of q, contiguous) and lse: (batch, nheads, seqlen_q), or (nheads, total_q) packed."""
+                      layout_tensors=(), layout_block_q=0, layout_block_k=0, features=None):
+    """Returns out (shape of q, contiguous) and lse: (batch, nheads, seqlen_q), or (nheads, total_q) packed.
+    features: _features() of these arguments, when the caller already has them (the eager path keeps them
+    for the backward)."""
     varlen = cu_seqlens_q is not None
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     nheads = q.shape[-2]
@@ -957,13 +966,13 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         return out, lse
     if k.numel() == 0:  # no keys at all: every row is empty
         return out.zero_(), lse.fill_(float("inf"))
-    ptrs, args, batch = _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
-                                  alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p)
+    ptrs, args, batch = features or _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              key_padding_mask, alibi_slopes, seed, softmax_scale, window_left,
+                                              window_right, dropout_p)
     qpm = query_padding_mask
     (q4, qs), (k4, ks), (v4, vs), (o4, os_) = (_as_4d(t, varlen) for t in (q, k, v, out))
-    grid = lambda cfg: (triton.cdiv(args["SEQ_Q"], cfg["BLOCK_M"]) * batch * nheads,)
     layout_kv, _ = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
-    _launch(_attn_fwd, grid, Q=q4, K=k4, V=v4, O=o4, LSE=lse, **ptrs, **layout_kv, QPM=qpm if qpm is not None else q,
+    _launch(_attn_fwd, args["SEQ_Q"], "BLOCK_M", batch * nheads, Q=q4, K=k4, V=v4, O=o4, LSE=lse, **ptrs, **layout_kv, QPM=qpm if qpm is not None else q,
                     stride_qpm=qpm.stride(0) if qpm is not None else 0, HAS_QPM=qpm is not None,
                     **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_), **args)
     return out, lse
@@ -979,33 +988,32 @@ def _strides(name, strides):
 
 def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
-                       layout_tensors=(), layout_block_q=0, layout_block_k=0):
-    """Returns dq, dk, dv (contiguous, in the input dtypes). dlse may be None."""
+                       layout_tensors=(), layout_block_q=0, layout_block_k=0, features=None):
+    """Returns dq, dk, dv (contiguous, in the input dtypes). dlse may be None. features: as in attention_forward."""
     varlen = cu_seqlens_q is not None
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    ptrs, args, batch = _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
-                                  alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p)
+    ptrs, args, batch = features or _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              key_padding_mask, alibi_slopes, seed, softmax_scale, window_left,
+                                              window_right, dropout_p)
     nheads, nheads_kv = q.shape[-2], k.shape[-2]
     (q4, qs), (k4, ks), (v4, vs), (o4, os_), (do4, dos) = (_as_4d(t, varlen) for t in (q, k, v, out, dout))
     (dq4, dqs), (dk4, dks), (dv4, dvs) = (_as_4d(t, varlen) for t in (dq, dk, dv))
 
     delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     if dlse is not None:
-        dlse = dlse.contiguous()
+        dlse = dlse.to(torch.float32).contiguous()
     scales = dict(sm_scale=softmax_scale)
     kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
     layout_kv, layout_q = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
-    grid_q = lambda cfg: (triton.cdiv(args["SEQ_Q"], cfg["BLOCK_M"]) * batch * nheads,)
-    _launch(_attn_bwd_dq, grid_q, Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse,
+    _launch(_attn_bwd_dq, args["SEQ_Q"], "BLOCK_M", batch * nheads, Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse,
             Delta=delta, DQ=dq4, **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_),
             **_strides("do", dos), **_strides("dq", dqs), **scales, **args)
-    grid_kv = lambda cfg: (triton.cdiv(args["SEQ_K"], cfg["BLOCK_N"]) * batch * nheads_kv,)
-    _launch(_attn_bwd_dkdv, grid_kv, Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, **kv_ptrs, **layout_q,
+    _launch(_attn_bwd_dkdv, args["SEQ_K"], "BLOCK_N", batch * nheads_kv, Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, **kv_ptrs, **layout_q,
             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
             **_strides("dk", dks), **_strides("dv", dvs), **scales, **args)
     return dq, dk, dv
@@ -1065,7 +1073,7 @@ def _setup_context(ctx, inputs, output):
     ctx.n_inputs = len(inputs)
 
 
-def _backward(ctx, dout, dlse, backward_fn=attention_bwd_op):
+def _backward(ctx, dout, dlse, backward_fn=attention_bwd_op, **extra):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed, *layout = ctx.saved_tensors
     max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p, layout_block_q, layout_block_k = \
         ctx.config
@@ -1074,7 +1082,7 @@ def _backward(ctx, dout, dlse, backward_fn=attention_bwd_op):
     dq, dk, dv = backward_fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, key_padding_mask, alibi_slopes, seed, softmax_scale,
                              window_left, window_right, dropout_p, layout,
-                             layout_block_q, layout_block_k)
+                             layout_block_q, layout_block_k, **extra)
     # Inputs after q, k, v get no gradient; the custom op wants the layout list's as a list of the same length.
     grads = [None] * (ctx.n_inputs - 3)
     if backward_fn is attention_bwd_op:
@@ -1088,20 +1096,24 @@ attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerAttention(torch.autograd.Function):
     """The same forward/backward without the custom-op dispatcher, which costs ~100 us of host time
     per call in eager mode (more than the kernels themselves at short lengths). The arguments after
-    q, k, v come as one tuple: apply() inspects each argument it is given, ~1 us apiece."""
+    q, k, v come as one tuple: apply() inspects each argument it is given, ~1 us apiece. The kernel
+    arguments derived from the inputs (_features) are computed once and reused by the backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, rest):
         # An unused lse gets dlse = None instead of a tensor of zeros: no fill kernel, no dlse read.
         ctx.set_materialize_grads(False)
+        # rest: cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, (query_padding_mask,)
+        # alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p, (layout...)
+        ctx.features = _features(q, k, *rest[:5], *rest[6:12]) if q.numel() and k.numel() else None
         inputs = (q, k, v, *rest)
-        out, lse = attention_forward(*inputs)
+        out, lse = attention_forward(*inputs, features=ctx.features)
         _setup_context(ctx, inputs, (out, lse))
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        dq, dk, dv, *_ = _backward(ctx, dout, dlse, backward_fn=attention_backward)
+        dq, dk, dv, *_ = _backward(ctx, dout, dlse, backward_fn=attention_backward, features=ctx.features)
         return dq, dk, dv, None
 
 
