@@ -86,6 +86,20 @@ def test_strided_inputs(layout, causal):
     check_against_reference(q, k, v, causal, dout=dout)
 
 
+def test_launch_cache_tells_calls_apart():
+    """Repeated calls with the same shapes and strides that Triton compiles differently: a pointer that is not
+    16-byte aligned, another dtype, another scale. On the GPU the second and later calls take the cached launch
+    path (kernels._COMPILED), which must not hand them a kernel compiled for the first."""
+    b, s, h, d = 1, 37, 2, 32
+    n = b * s * h * d
+    for offset, dtype, scale in ((0, torch.float16, None), (1, torch.float16, None), (0, torch.bfloat16, None),
+                                 (3, torch.bfloat16, 0.3), (0, torch.float16, None)):
+        buffers = torch.randn(3, n + 8, device=DEVICE, dtype=dtype)
+        q, k, v = (buf[offset:offset + n].view(b, s, h, d).requires_grad_() for buf in buffers.unbind(0))
+        assert (q.data_ptr() % 16 == 0) == (offset == 0)
+        check_against_reference(q, k, v, causal=True, softmax_scale=scale)
+
+
 def test_softmax_scale_and_empty_rows():
     """A custom scale (GPT-2 folds 1/layer_idx into it), and causal rows that see no key."""
     q, k, v = _qkv(1, 2, 2, 70, 20, 32, torch.float32)
