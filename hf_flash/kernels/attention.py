@@ -117,18 +117,25 @@ def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _tile(n_blocks, REVERSE: tl.constexpr):
+def _tile(n_blocks, REVERSE: tl.constexpr, BLOCK_MAJOR: tl.constexpr):
     """(block index along the sequence, batch * nheads index) of this program.
 
     The grid is 1-D because CUDA caps grid axis 1 at 65535, below batch * nheads for large batches
-    of short sequences. Consecutive programs share a head, so its K/V stay in L2; with REVERSE
-    (causal, where later query blocks do more work) the heaviest blocks start first.
+    of short sequences. Dense: consecutive programs share a head, so its K/V stay in L2. BLOCK_MAJOR
+    (block-sparse): consecutive programs take the same block of every head instead, so the blocks of
+    global tokens (the first ones), whose rows or columns span the whole sequence, start first for all
+    heads rather than one head at a time, and no head's long program is left for the last wave. With
+    REVERSE (causal, where later query blocks do more work) the heaviest blocks start first.
     """
     pid = tl.program_id(0)
-    block = pid % n_blocks
+    if BLOCK_MAJOR:
+        n_heads = tl.num_programs(0) // n_blocks
+        block, head = pid // n_heads, pid % n_heads
+    else:
+        block, head = pid % n_blocks, pid // n_blocks
     if REVERSE:
         block = n_blocks - 1 - block
-    return block, pid // n_blocks
+    return block, head
 
 
 @triton.jit
@@ -390,7 +397,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
               SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
               LAYOUT_BK: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), HAS_RIGHT)
+    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), HAS_RIGHT, SPARSE)
     off_b = (off_bh // NHEADS).to(tl.int64)
     off_h = (off_bh % NHEADS).to(tl.int64)
     q_start, seq_q = _seq_bounds(CU_Q, off_b, SEQ_Q, IS_VARLEN)
@@ -548,7 +555,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
                    SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
               LAYOUT_BK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    block_n, off_bhk = _tile(tl.cdiv(SEQ_K, BLOCK_N), False)
+    block_n, off_bhk = _tile(tl.cdiv(SEQ_K, BLOCK_N), False, SPARSE)
     nheads_kv = NHEADS // GROUP
     off_b = (off_bhk // nheads_kv).to(tl.int64)
     off_hk = (off_bhk % nheads_kv).to(tl.int64)
@@ -701,7 +708,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
                  SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
                  LAYOUT_BK: tl.constexpr, HAS_DLSE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), HAS_RIGHT)
+    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), HAS_RIGHT, SPARSE)
     off_b = (off_bh // NHEADS).to(tl.int64)
     off_h = (off_bh % NHEADS).to(tl.int64)
     q_start, seq_q = _seq_bounds(CU_Q, off_b, SEQ_Q, IS_VARLEN)
@@ -778,7 +785,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
 
 @triton.jit
 def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), False)
+    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), False, False)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rng_rows = off_bh.to(tl.int64) * SEQ_Q + rows  # as in the attention kernels
     seed = tl.load(SEED)
