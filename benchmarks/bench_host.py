@@ -1,0 +1,207 @@
+"""Host-overhead benchmark: how much CPU time one attention call costs, and how much of a training step the GPU
+spends waiting for the host.
+
+    python benchmarks/bench_host.py                 # both parts (about 2 minutes on an H100/H200 machine)
+    python benchmarks/bench_host.py --part calls    # host us per call only
+    python benchmarks/bench_host.py --part steps --cases gpt2-small:1024x8 bert-large:512x16
+
+calls: host microseconds per call (median of --repeats), with the GPU kept busy by a queued sleep kernel so no
+call ever waits for it: what the Python/C++ path costs, not the kernels. hf_flash.flash_attn_func and the
+transformers entry ("hf_triton", as GPT-2 calls it: (batch, heads, seq, dim) views, dropout 0.1, causal) against
+SDPA, forward alone and forward + backward, with the backward on the autograd engine's CUDA device thread (the
+default, as in training) and on the calling thread (torch.autograd.set_multithreading_enabled(False)).
+
+steps: one training step as in bench_training.py (bf16 autocast, AdamW), wall ms per step against the sum of the
+step's CUDA kernel times (torch.profiler): wall - kernels is time the GPU sat idle waiting for the host. Also the
+attention kernels' share (ours: _attn_*; SDPA: flash / cuDNN / efficient kernels).
+
+Wall times of host-bound steps differ by up to ~25% between machines of the same kind; compare rows of one run.
+Writes <out-dir>/bench_host.{json,md} and prints the tables last.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+import hf_flash  # noqa: E402
+import bench_training  # noqa: E402
+from bench_training import environment  # noqa: E402
+from hf_flash import integration  # noqa: E402
+
+ATTENTION_KERNELS = ("_attn_", "flash", "fmha", "cudnn", "attention")
+DEVICE = "cuda"
+
+
+class _Layer(torch.nn.Module):
+    """What the transformers entry reads from an attention module."""
+    is_causal = True
+
+
+def host_us(fn, repeats, inner=5):
+    """Median host microseconds of fn() while the GPU is busy with a queued sleep (so no call waits on it)."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(5_000_000)  # ~2-3 ms of GPU work queued ahead of the calls
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
+
+
+def bench_calls(args):
+    batch, seqlen, heads, headdim = args.shape
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seqlen, headdim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn(batch, seqlen, heads, headdim, device=DEVICE, dtype=torch.bfloat16)
+    layer = _Layer().train()
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    calls = {
+        "hf_flash.flash_attn_func": lambda: hf_flash.flash_attn_func(qt, kt, vt, causal=True, dropout_p=0.1),
+        "transformers entry (hf_triton)": lambda: integration.hf_triton_attention_forward(
+            layer, q, k, v, None, dropout=0.1, scaling=headdim ** -0.5)[0],
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True).transpose(1, 2),
+    }
+    rows = []
+    for name, forward in calls.items():
+        both = lambda forward=forward: torch.autograd.grad(forward(), (q, k, v), grad)  # noqa: E731
+        for _ in range(3):  # compile, autotune, warm the launch cache
+            both()
+        row = {"call": name, "forward_us": host_us(forward, args.repeats)}
+        for threads in (True, False):
+            torch.autograd.set_multithreading_enabled(threads)
+            row[f"fwd_bwd_us_{'device_thread' if threads else 'calling_thread'}"] = host_us(both, args.repeats)
+        torch.autograd.set_multithreading_enabled(True)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def kernel_times(prof, steps):
+    """(all CUDA kernel ms per step, attention kernel ms per step) from a profile of `steps` steps."""
+    total = attention = 0.0
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            us = event.time_range.elapsed_us()
+            total += us
+            if any(key in event.name.lower() for key in ATTENTION_KERNELS):
+                attention += us
+    return total / steps / 1e3, attention / steps / 1e3
+
+
+def bench_steps(args):
+    from torch.profiler import ProfilerActivity, profile
+    rows = []
+    device = torch.device("cuda")
+    parsed = bench_training.parse_args([])
+    for spec in args.cases:
+        case, shape = spec.split(":")
+        seqlen, batch = (int(x) for x in shape.split("x"))
+        for impl in args.impls:
+            model, family = bench_training.build_model(case, impl, seqlen, parsed, device)
+            inputs = bench_training.make_batch(family, model.config.vocab_size, seqlen, batch, device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(**inputs).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / args.steps * 1e3
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.steps):
+                    step()
+                torch.cuda.synchronize()
+            kernels, attention = kernel_times(prof, args.steps)
+            row = {"case": case, "seqlen": seqlen, "batch": batch, "impl": impl, "wall_ms": wall,
+                   "kernel_ms": kernels, "attention_kernel_ms": attention, "gpu_idle_ms": wall - kernels}
+            rows.append(row)
+            print(row, flush=True)
+            del model, opt
+            torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(results):
+    env = results["environment"]
+    lines = [f"# Host-overhead benchmark: {env['gpu']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
+             f"hf_flash {env['hf_flash']}; {env['date']}.", ""]
+    if results.get("calls"):
+        b, n, h, d = results["shape"]
+        lines += [f"## Host µs per call (bf16, batch {b}, seqlen {n}, {h} heads × {d}, causal, dropout 0.1)", "",
+                  "GPU kept busy, so this is the CPU cost of issuing the work. fwd+bwd: backward on the autograd "
+                  "CUDA device thread (default) / on the calling thread.", "",
+                  "| call | forward | fwd+bwd (device thread) | fwd+bwd (calling thread) |", "|---|---:|---:|---:|"]
+        for r in results["calls"]:
+            lines.append(f"| {r['call']} | {r['forward_us']:.0f} | {r['fwd_bwd_us_device_thread']:.0f} | "
+                         f"{r['fwd_bwd_us_calling_thread']:.0f} |")
+        lines.append("")
+    if results.get("steps"):
+        lines += ["## Training step: wall time against kernel time (ms per step)", "",
+                  "gpu idle = wall − sum of kernel times: time the GPU waited for the host.", "",
+                  "| case | seqlen × batch | attn | wall | kernels | attention kernels | gpu idle |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for r in results["steps"]:
+            lines.append(f"| {r['case']} | {r['seqlen']} × {r['batch']} | {r['impl']} | {r['wall_ms']:.1f} | "
+                         f"{r['kernel_ms']:.1f} | {r['attention_kernel_ms']:.2f} | {r['gpu_idle_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["calls", "steps", "both"], default="both")
+    p.add_argument("--shape", type=int, nargs=4, default=[8, 1024, 12, 64], metavar=("BATCH", "SEQLEN", "HEADS", "DIM"),
+                   help="the per-call problem (default: a GPT-2 small layer at 1024 x 8)")
+    p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--cases", nargs="+", default=["gpt2-small:1024x8", "gpt2-small:4096x2", "bert-large:512x16"],
+                   help="bench_training case:SEQLENxBATCH")
+    p.add_argument("--impls", nargs="+", default=["sdpa", hf_flash.ATTN_IMPLEMENTATION])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks")
+    args = p.parse_args(argv)
+    for spec in args.cases:
+        case, _, shape = spec.partition(":")
+        if case not in bench_training.CASES or len(shape.split("x")) != 2:
+            p.error(f"--cases takes CASE:SEQLENxBATCH with CASE in {sorted(bench_training.CASES)}, got {spec!r}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_host.py measures CUDA launch overhead and needs a GPU")
+    results = {"environment": environment(torch.device("cuda")), "shape": args.shape}
+    if args.part in ("calls", "both"):
+        results["calls"] = bench_calls(args)
+    if args.part in ("steps", "both"):
+        results["steps"] = bench_steps(args)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "bench_host.json").write_text(json.dumps(results, indent=1))
+    md = markdown(results)
+    (args.out_dir / "bench_host.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
