@@ -16,7 +16,7 @@ step's CUDA kernel times (torch.profiler): wall - kernels is time the GPU sat id
 attention kernels' share (ours: _attn_*; SDPA: flash / cuDNN / efficient kernels).
 
 Wall times of host-bound steps differ by up to ~25% between machines of the same kind; compare rows of one run.
-Writes <out-dir>/bench_host.{json,md} and prints the tables last.
+Writes <out-dir>/bench_host.{json,md,png} and prints the tables last.
 """
 
 import argparse
@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 import hf_flash  # noqa: E402
 import bench_training  # noqa: E402
+from bench_kernels import pyplot  # noqa: E402
 from bench_training import environment  # noqa: E402
 from hf_flash import integration  # noqa: E402
 
@@ -168,6 +169,29 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
+def plot(steps, path):
+    """Each step as a stacked bar: other kernels, attention kernels, GPU idle (wall = the bar's height)."""
+    plt = pyplot()
+    if plt is None or not steps:
+        return
+    fig, ax = plt.subplots(figsize=(1.1 * len(steps) + 2, 3.6))
+    labels = [f"{r['case']}\n{r['seqlen']}×{r['batch']}\n{r['impl']}" for r in steps]
+    x = range(len(steps))
+    other = [r["kernel_ms"] - r["attention_kernel_ms"] for r in steps]
+    attention = [r["attention_kernel_ms"] for r in steps]
+    idle = [max(r["gpu_idle_ms"], 0.0) for r in steps]
+    ax.bar(x, other, color="C7", label="other kernels")
+    ax.bar(x, attention, bottom=other, color="C0", label="attention kernels")
+    ax.bar(x, idle, bottom=[o + a for o, a in zip(other, attention)], color="C3", label="GPU idle (host)")
+    ax.set_xticks(list(x), labels, fontsize=6)
+    ax.set(ylabel="ms per training step", title="Training step: where the wall time goes")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["calls", "steps", "both"], default="both")
@@ -200,6 +224,7 @@ def main(argv=None):
     (args.out_dir / "bench_host.json").write_text(json.dumps(results, indent=1))
     md = markdown(results)
     (args.out_dir / "bench_host.md").write_text(md)
+    plot(results.get("steps"), args.out_dir / "bench_host.png")
     print(md)
 
 
