@@ -101,6 +101,15 @@ def kernel_times(prof, steps):
     return total / steps / 1e3, attention / steps / 1e3
 
 
+def train_step(model, opt, inputs):
+    """One step as bench_training times it: bf16 autocast forward, backward, fused AdamW."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**inputs).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def bench_steps(args):
     from torch.profiler import ProfilerActivity, profile
     rows = []
@@ -113,14 +122,7 @@ def bench_steps(args):
             model, family = bench_training.build_model(case, impl, seqlen, parsed, device)
             inputs = bench_training.make_batch(family, model.config.vocab_size, seqlen, batch, device)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = model(**inputs).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+            step = lambda model=model, opt=opt, inputs=inputs: train_step(model, opt, inputs)  # noqa: E731
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
@@ -138,7 +140,7 @@ def bench_steps(args):
                    "kernel_ms": kernels, "attention_kernel_ms": attention, "gpu_idle_ms": wall - kernels}
             rows.append(row)
             print(row, flush=True)
-            del model, opt
+            del model, opt, step
             torch.cuda.empty_cache()
     return rows
 
