@@ -105,6 +105,23 @@ def test_launch_cache_tells_calls_apart():
         check_against_reference(q, k, v, causal=True, softmax_scale=scale)
 
 
+def test_launch_key_holds_what_triton_specialises_on(monkeypatch):
+    """The cached launch path's key (runs on CPU too, where the interpreter has no cache): equal for new data
+    in the same layout, so the cache is hit; different for a misaligned pointer, another dtype, another scalar."""
+    calls = []
+    monkeypatch.setattr(kernels, "_launch", lambda kernel, rows, block, programs, **kw: calls.append((kernel, kw)))
+    q, k, v = (torch.randn(1, 40, 2, 32, device=DEVICE, dtype=torch.float16) for _ in range(3))
+    hf_flash.flash_attn_func(q, k, v, causal=True)
+    kernel, kwargs = calls[0]
+    key = lambda **changes: kernels._launch_key(kernel, {**kwargs, **changes})[0]  # noqa: E731
+    assert key() == key(Q=q.clone(), K=k.clone(), V=v.clone())
+    misaligned = torch.randn(q.numel() + 8, device=DEVICE, dtype=q.dtype)[1:1 + q.numel()].view_as(q)
+    assert key() != key(Q=misaligned)
+    assert key() != key(Q=q.bfloat16(), K=k.bfloat16(), V=v.bfloat16())
+    assert key() != key(qk_scale=kwargs["qk_scale"] * 2)
+    assert kernels._launch_key(kernel, kwargs)[1][0] == q.data_ptr()  # addresses, in signature order
+
+
 def test_softmax_scale_and_empty_rows():
     """A custom scale (GPT-2 folds 1/layer_idx into it), and causal rows that see no key."""
     q, k, v = _qkv(1, 2, 2, 70, 20, 32, torch.float32)

@@ -826,16 +826,7 @@ def _launch(kernel, rows, block, programs, **kwargs):
     launcher would call data_ptr() and query the driver (cuPointerGetAttribute) for each of ~20 pointers.
     """
     global _driver
-    signature = _SIGNATURES.get(kernel)
-    if signature is None:  # every kernel takes its pointers first (disabled ones get a dummy tensor)
-        names = kernel.arg_names[:-len(_META)]
-        n_ptr = next(i for i, name in enumerate(names) if not isinstance(kwargs[name], torch.Tensor))
-        signature = _SIGNATURES[kernel] = (operator.itemgetter(*names), n_ptr)
-    getter, n_ptr = signature
-    values = getter(kwargs)
-    addresses = [p.data_ptr() for p in values[:n_ptr]]
-    scalars = values[n_ptr:]
-    key = (kernel, kwargs["Q"].dtype, scalars, *[a % 16 for a in addresses])
+    key, addresses, scalars = _launch_key(kernel, kwargs)
     entry = _COMPILED.get(key)
     if entry is not None and not _launch_hooks():
         run, function, metadata, config, meta = entry
@@ -858,6 +849,20 @@ def _launch(kernel, rows, block, programs, **kwargs):
         _driver = triton.runtime.driver.active
         _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, config.kwargs,
                           tuple(config.kwargs[name] for name in _META))
+
+
+def _launch_key(kernel, kwargs):
+    """(launch key, pointer addresses, the other non-autotuned arguments in signature order), see _launch."""
+    signature = _SIGNATURES.get(kernel)
+    if signature is None:  # every kernel takes its pointers first (disabled ones get a dummy tensor)
+        names = kernel.arg_names[:-len(_META)]
+        n_ptr = next(i for i, name in enumerate(names) if not isinstance(kwargs[name], torch.Tensor))
+        signature = _SIGNATURES[kernel] = (operator.itemgetter(*names), n_ptr)
+    getter, n_ptr = signature
+    values = getter(kwargs)
+    addresses = [p.data_ptr() for p in values[:n_ptr]]
+    scalars = values[n_ptr:]
+    return (kernel, kwargs["Q"].dtype, scalars, *[a % 16 for a in addresses]), addresses, scalars
 
 
 def _launch_hooks():
