@@ -101,15 +101,6 @@ def kernel_times(prof, steps):
     return total / steps / 1e3, attention / steps / 1e3
 
 
-def train_step(model, opt, inputs):
-    """One step as bench_training times it: bf16 autocast forward, backward, fused AdamW."""
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(**inputs).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def bench_steps(args):
     from torch.profiler import ProfilerActivity, profile
     rows = []
@@ -122,7 +113,9 @@ def bench_steps(args):
             model, family = bench_training.build_model(case, impl, seqlen, parsed, device)
             inputs = bench_training.make_batch(family, model.config.vocab_size, seqlen, batch, device)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-            step = lambda model=model, opt=opt, inputs=inputs: train_step(model, opt, inputs)  # noqa: E731
+            model.train()
+            step = lambda model=model, opt=opt, inputs=inputs: bench_training.train_step(  # noqa: E731
+                model, opt, inputs, device)
             for _ in range(3):
                 step()
             torch.cuda.synchronize()

@@ -143,6 +143,16 @@ def make_batch(family, vocab_size, seqlen, batch, device):
     return {"input_ids": ids.to(device), "labels": labels.to(device)}
 
 
+def train_step(model, opt, inputs, device):
+    """One step: forward under bf16 autocast (fp32 on the CPU smoke run), backward, AdamW. Returns the loss."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model(**inputs).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def time_steps(model, inputs, steps, warmup, device):
     """Median step seconds, median host seconds (until the step's last kernel is enqueued: close to the step time
     means the step is host-bound, so per-call launch overhead, not kernel speed, sets it), peak bytes (over warm-up
@@ -150,14 +160,7 @@ def time_steps(model, inputs, steps, warmup, device):
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     model.train()
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):  # CPU smoke: fp32
-            loss = model(**inputs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+    step = lambda: train_step(model, opt, inputs, device)  # noqa: E731
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
