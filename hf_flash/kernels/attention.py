@@ -803,7 +803,7 @@ def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constex
 
 # (kernel, q dtype, tune-key values) -> the Config the autotuner chose for them.
 _CHOSEN = {}
-# launch key -> (compiled kernel's launcher, function, packed metadata, config, its BLOCK_M and BLOCK_N), see _launch.
+# launch key -> (compiled kernel's launcher, function, packed metadata, its (BLOCK_M, BLOCK_N)), see _launch.
 _COMPILED = {}
 # kernel -> (getter of its non-autotuned arguments from the kwargs, number of leading pointer arguments)
 _SIGNATURES = {}
@@ -829,8 +829,9 @@ def _launch(kernel, rows, block, programs, **kwargs):
     key, addresses, scalars = _launch_key(kernel, kwargs)
     entry = _COMPILED.get(key)
     if entry is not None and not _launch_hooks():
-        run, function, metadata, config, meta = entry
-        grid_x = (rows + config[block] - 1) // config[block] * programs
+        run, function, metadata, meta = entry
+        size = meta[_META.index(block)]
+        grid_x = (rows + size - 1) // size * programs
         run(grid_x, 1, 1, _driver.get_current_stream(_driver.get_current_device()), function, metadata, None, None,
             None, *addresses, *scalars, *meta)
         return
@@ -847,7 +848,7 @@ def _launch(kernel, rows, block, programs, **kwargs):
         if len(_COMPILED) > 4096:  # many distinct lengths (e.g. padded to the batch's longest): start over
             _COMPILED.clear()
         _driver = triton.runtime.driver.active
-        _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, config.kwargs,
+        _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata,
                           tuple(config.kwargs[name] for name in _META))
 
 
@@ -984,9 +985,10 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     qpm = query_padding_mask
     (q4, qs), (k4, ks), (v4, vs), (o4, os_) = (_as_4d(t, varlen) for t in (q, k, v, out))
     layout_kv, _ = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
-    _launch(_attn_fwd, args["SEQ_Q"], "BLOCK_M", batch * nheads, Q=q4, K=k4, V=v4, O=o4, LSE=lse, **ptrs, **layout_kv, QPM=qpm if qpm is not None else q,
-                    stride_qpm=qpm.stride(0) if qpm is not None else 0, HAS_QPM=qpm is not None,
-                    **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_), **args)
+    _launch(_attn_fwd, args["SEQ_Q"], "BLOCK_M", batch * nheads,
+            Q=q4, K=k4, V=v4, O=o4, LSE=lse, **ptrs, **layout_kv, QPM=qpm if qpm is not None else q,
+            stride_qpm=qpm.stride(0) if qpm is not None else 0, HAS_QPM=qpm is not None,
+            **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_), **args)
     return out, lse
 
 
@@ -1021,11 +1023,13 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
     scales = dict(sm_scale=softmax_scale)
     kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
     layout_kv, layout_q = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
-    _launch(_attn_bwd_dq, args["SEQ_Q"], "BLOCK_M", batch * nheads, Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse,
-            Delta=delta, DQ=dq4, **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
+    _launch(_attn_bwd_dq, args["SEQ_Q"], "BLOCK_M", batch * nheads,
+            Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse, Delta=delta, DQ=dq4,
+            **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_),
             **_strides("do", dos), **_strides("dq", dqs), **scales, **args)
-    _launch(_attn_bwd_dkdv, args["SEQ_K"], "BLOCK_N", batch * nheads_kv, Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, **kv_ptrs, **layout_q,
+    _launch(_attn_bwd_dkdv, args["SEQ_K"], "BLOCK_N", batch * nheads_kv,
+            Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, **kv_ptrs, **layout_q,
             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
             **_strides("dk", dks), **_strides("dv", dvs), **scales, **args)
     return dq, dk, dv
