@@ -98,6 +98,29 @@ def test_empty_rows_and_columns():
     assert (dk[:, 2 * bs:3 * bs, 1] == 0).all()
 
 
+def test_kernel_tiles_smaller_than_layout_blocks_in_work_order():
+    """Layout blocks of 128 hold several kernel tiles (2 query tiles, 4 key tiles on the CPU interpreter), the
+    last layout block is ragged, and each head starts its blocks in another order (longest first): every
+    tile must still run exactly once. With GQA, a key block's order comes from its group's first head."""
+    sq, sk, bs = 300, 280, 128
+    blocks = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 1, 1]],  # head 0: the last query block is longest
+                           [[1, 1, 1], [0, 1, 0], [0, 0, 1]],  # head 1: the first one is
+                           [[0, 1, 0], [1, 1, 1], [1, 0, 0]],
+                           [[1, 0, 1], [0, 0, 1], [1, 1, 1]]], dtype=torch.bool, device=DEVICE)
+    layout = L.from_dense(blocks, sq, sk, bs)
+    tensors = layout.kernel_tensors()[0]
+    kept = [tensors[0] + tensors[2], tensors[4] + tensors[6]]  # kept blocks per query row, per key column
+    for lengths, order, major in zip(kept, tensors[8:10], tensors[10:12]):
+        assert (torch.sort(order, dim=-1).values == torch.arange(order.shape[-1], device=DEVICE)).all()
+        assert (lengths.gather(-1, order.long()).diff(dim=-1) <= 0).all()  # longest first
+        assert major.item() == 0  # no row over 3x the mean
+    check_sparse(*_qkv(1, 4, 2, sq, sk, 16, FP32 if not ON_GPU else BF16), layout)
+    # the same with block-major tiles (global tokens: one row and one column are long)
+    layout = L.global_tokens(5, sq, sk, 16, device=DEVICE) | L.local(8, sq, sk, 16, device=DEVICE)
+    assert [int(t.item()) for t in layout.kernel_tensors()[0][10:12]] == [1, 1]
+    check_sparse(*_qkv(1, 4, 2, sq, sk, 16, FP32 if not ON_GPU else BF16), layout)
+
+
 @pytest.mark.parametrize("seqlen", _pick([83], [1024, 1500]))
 def test_fully_dense_layout_equals_dense_kernel(seqlen):
     dtype = FP32 if not ON_GPU else BF16

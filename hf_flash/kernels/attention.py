@@ -117,25 +117,48 @@ def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _tile(n_blocks, REVERSE: tl.constexpr, BLOCK_MAJOR: tl.constexpr):
-    """(block index along the sequence, batch * nheads index) of this program.
+def _tile(n_blocks, MAJOR, REVERSE: tl.constexpr, SPARSE: tl.constexpr):
+    """(rank of the block along the sequence, batch * nheads index) of this program.
 
     The grid is 1-D because CUDA caps grid axis 1 at 65535, below batch * nheads for large batches
-    of short sequences. Dense: consecutive programs share a head, so its K/V stay in L2. BLOCK_MAJOR
-    (block-sparse): consecutive programs take the same block of every head instead, so the blocks of
-    global tokens (the first ones), whose rows or columns span the whole sequence, start first for all
-    heads rather than one head at a time, and no head's long program is left for the last wave. With
-    REVERSE (causal, where later query blocks do more work) the heaviest blocks start first.
+    of short sequences. Head-major: consecutive programs share a head, so its K/V stay in L2. With
+    REVERSE (dense causal, where later query blocks do more work) the heaviest blocks start first.
+    Block-sparse kernels rank blocks by work (_sparse_tile) and go block-major (consecutive programs
+    take the same rank in every head) when the layout says so (MAJOR, kernel_tensors' q/k_major): when
+    a few rows are far longer than the rest (global tokens), so that those of every head start in the
+    first wave instead of one head's at a time, the last head's in the last wave.
     """
     pid = tl.program_id(0)
-    if BLOCK_MAJOR:
-        n_heads = tl.num_programs(0) // n_blocks
-        block, head = pid // n_heads, pid % n_heads
-    else:
-        block, head = pid % n_blocks, pid // n_blocks
-    if REVERSE:
+    block, head = pid % n_blocks, pid // n_blocks
+    if SPARSE:
+        if tl.load(MAJOR) != 0:
+            n_heads = tl.num_programs(0) // n_blocks
+            block, head = pid // n_heads, pid % n_heads
+    elif REVERSE:
         block = n_blocks - 1 - block
     return block, head
+
+
+@triton.jit
+def _n_tiles(seqlen, BLOCK: tl.constexpr, SPARSE: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
+    """Tiles along the sequence; block-sparse: every layout block's, the last one's too (see _launch_rows)."""
+    if SPARSE:
+        return tl.cdiv(seqlen, LAYOUT_BLOCK) * (LAYOUT_BLOCK // BLOCK)
+    else:
+        return tl.cdiv(seqlen, BLOCK)
+
+
+@triton.jit
+def _sparse_tile(rank, ORDER, ly_bh, seqlen, LAYOUT_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                 SPARSE: tl.constexpr):
+    """The kernel tile that runs at `rank`. Block-sparse: a tile of the rank-th layout block by descending
+    work (kernel_tensors' q_order / k_order; a layout block holds LAYOUT_BLOCK // BLOCK kernel tiles), so
+    that long rows never start in the last wave."""
+    if SPARSE:
+        return (tl.load(ORDER + ly_bh * tl.cdiv(seqlen, LAYOUT_BLOCK) + rank // (LAYOUT_BLOCK // BLOCK))
+                * (LAYOUT_BLOCK // BLOCK) + rank % (LAYOUT_BLOCK // BLOCK))
+    else:
+        return rank
 
 
 @triton.jit
@@ -383,7 +406,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
-              LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ly_sb, ly_sh,
+              LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ORDER, MAJOR, ly_sb, ly_sh,
               stride_qb, stride_qm, stride_qh, stride_qd,
               stride_kb, stride_kn, stride_kh, stride_kd,
               stride_vb, stride_vn, stride_vh, stride_vd,
@@ -397,9 +420,10 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
               SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
               LAYOUT_BK: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), HAS_RIGHT, SPARSE)
+    start_m, off_bh = _tile(_n_tiles(SEQ_Q, BLOCK_M, SPARSE, LAYOUT_BQ), MAJOR, HAS_RIGHT, SPARSE)
     off_b = (off_bh // NHEADS).to(tl.int64)
     off_h = (off_bh % NHEADS).to(tl.int64)
+    start_m = _sparse_tile(start_m, ORDER, off_b * ly_sb + off_h * ly_sh, SEQ_Q, LAYOUT_BQ, BLOCK_M, SPARSE)
     q_start, seq_q = _seq_bounds(CU_Q, off_b, SEQ_Q, IS_VARLEN)
     k_start, seq_k = _seq_bounds(CU_K, off_b, SEQ_K, IS_VARLEN)
     first_row = start_m * BLOCK_M
@@ -539,7 +563,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 @triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED,
-                   LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ly_sb, ly_sh,
+                   LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ORDER, MAJOR, ly_sb, ly_sh,
                    stride_qb, stride_qm, stride_qh, stride_qd,
                    stride_kb, stride_kn, stride_kh, stride_kd,
                    stride_vb, stride_vn, stride_vh, stride_vd,
@@ -553,12 +577,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                    SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
-              LAYOUT_BK: tl.constexpr,
+                   LAYOUT_BK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    block_n, off_bhk = _tile(tl.cdiv(SEQ_K, BLOCK_N), False, SPARSE)
+    block_n, off_bhk = _tile(_n_tiles(SEQ_K, BLOCK_N, SPARSE, LAYOUT_BK), MAJOR, False, SPARSE)
     nheads_kv = NHEADS // GROUP
     off_b = (off_bhk // nheads_kv).to(tl.int64)
     off_hk = (off_bhk % nheads_kv).to(tl.int64)
+    # the order of the group's first head (any permutation of the key blocks is correct)
+    block_n = _sparse_tile(block_n, ORDER, off_b * ly_sb + off_hk * GROUP * ly_sh, SEQ_K, LAYOUT_BK, BLOCK_N, SPARSE)
     q_start, seq_q = _seq_bounds(CU_Q, off_b, SEQ_Q, IS_VARLEN)
     k_start, seq_k = _seq_bounds(CU_K, off_b, SEQ_K, IS_VARLEN)
     start_n = block_n * BLOCK_N
@@ -692,7 +718,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
 @triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE, ALIBI, SEED,
-                 LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ly_sb, ly_sh,
+                 LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ORDER, MAJOR, ly_sb, ly_sh,
                  stride_qb, stride_qm, stride_qh, stride_qd,
                  stride_kb, stride_kn, stride_kh, stride_kd,
                  stride_vb, stride_vn, stride_vh, stride_vd,
@@ -708,9 +734,10 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
                  SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
                  LAYOUT_BK: tl.constexpr, HAS_DLSE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), HAS_RIGHT, SPARSE)
+    start_m, off_bh = _tile(_n_tiles(SEQ_Q, BLOCK_M, SPARSE, LAYOUT_BQ), MAJOR, HAS_RIGHT, SPARSE)
     off_b = (off_bh // NHEADS).to(tl.int64)
     off_h = (off_bh % NHEADS).to(tl.int64)
+    start_m = _sparse_tile(start_m, ORDER, off_b * ly_sb + off_h * ly_sh, SEQ_Q, LAYOUT_BQ, BLOCK_M, SPARSE)
     q_start, seq_q = _seq_bounds(CU_Q, off_b, SEQ_Q, IS_VARLEN)
     k_start, seq_k = _seq_bounds(CU_K, off_b, SEQ_K, IS_VARLEN)
     first_row = start_m * BLOCK_M
@@ -785,7 +812,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
 
 @triton.jit
 def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), False, False)
+    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), SEED, False, False)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rng_rows = off_bh.to(tl.int64) * SEQ_Q + rows  # as in the attention kernels
     seed = tl.load(SEED)
@@ -916,17 +943,25 @@ def _layout_args(q, layout_tensors, layout_block_q, layout_block_k):
     """Block-sparse arguments: (for the forward and dQ: key blocks of each query block; for dK/dV: query
     blocks of each key block). layout_tensors is BlockSparseLayout.kernel_tensors()[0], or empty (dense)."""
     if not layout_tensors:
-        dummy = dict(LY_NUM=q, LY_IDX=q, LY_FULL_NUM=q, LY_FULL_IDX=q, TILE_IDX=q, TILES=q, RULE=q, ly_sb=0, ly_sh=0,
-                     SPARSE=False, HAS_TILES=False, HAS_RULE=False, LAYOUT_BQ=0, LAYOUT_BK=0)
+        dummy = dict(LY_NUM=q, LY_IDX=q, LY_FULL_NUM=q, LY_FULL_IDX=q, TILE_IDX=q, TILES=q, RULE=q, ORDER=q, MAJOR=q,
+                     ly_sb=0, ly_sh=0, SPARSE=False, HAS_TILES=False, HAS_RULE=False, LAYOUT_BQ=0, LAYOUT_BK=0)
         return dummy, dummy
-    (kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, tile_index, tiles,
-     rule) = layout_tensors
+    (kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, q_order, k_order, q_major,
+     k_major, tile_index, tiles, rule) = layout_tensors
     batch, heads = kv_num.shape[:2]  # 1 when the layout is shared (broadcast) over that dim
     common = dict(TILE_IDX=tile_index, TILES=tiles, RULE=rule, ly_sb=heads if batch > 1 else 0,
                   ly_sh=1 if heads > 1 else 0, SPARSE=True, HAS_TILES=tiles.numel() > 0, HAS_RULE=rule.numel() > 0,
                   LAYOUT_BQ=layout_block_q, LAYOUT_BK=layout_block_k)
-    return (dict(LY_NUM=kv_num, LY_IDX=kv_idx, LY_FULL_NUM=full_kv_num, LY_FULL_IDX=full_kv_idx, **common),
-            dict(LY_NUM=q_num, LY_IDX=q_idx, LY_FULL_NUM=full_q_num, LY_FULL_IDX=full_q_idx, **common))
+    return (dict(LY_NUM=kv_num, LY_IDX=kv_idx, LY_FULL_NUM=full_kv_num, LY_FULL_IDX=full_kv_idx, ORDER=q_order,
+                 MAJOR=q_major, **common),
+            dict(LY_NUM=q_num, LY_IDX=q_idx, LY_FULL_NUM=full_q_num, LY_FULL_IDX=full_q_idx, ORDER=k_order,
+                 MAJOR=k_major, **common))
+
+
+def _launch_rows(seqlen, layout_block):
+    """Rows the grid covers: block-sparse kernels start a program for every kernel tile of every layout
+    block, the last (partial) one's too, because the layout's order maps ranks to whole layout blocks."""
+    return -(-seqlen // layout_block) * layout_block if layout_block else seqlen
 
 
 def _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, alibi_slopes, seed,
@@ -985,7 +1020,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     qpm = query_padding_mask
     (q4, qs), (k4, ks), (v4, vs), (o4, os_) = (_as_4d(t, varlen) for t in (q, k, v, out))
     layout_kv, _ = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
-    _launch(_attn_fwd, args["SEQ_Q"], "BLOCK_M", batch * nheads,
+    _launch(_attn_fwd, _launch_rows(args["SEQ_Q"], layout_block_q), "BLOCK_M", batch * nheads,
             Q=q4, K=k4, V=v4, O=o4, LSE=lse, **ptrs, **layout_kv, QPM=qpm if qpm is not None else q,
             stride_qpm=qpm.stride(0) if qpm is not None else 0, HAS_QPM=qpm is not None,
             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_), **args)
@@ -1023,12 +1058,12 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
     scales = dict(sm_scale=softmax_scale)
     kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
     layout_kv, layout_q = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
-    _launch(_attn_bwd_dq, args["SEQ_Q"], "BLOCK_M", batch * nheads,
+    _launch(_attn_bwd_dq, _launch_rows(args["SEQ_Q"], layout_block_q), "BLOCK_M", batch * nheads,
             Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse, Delta=delta, DQ=dq4,
             **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_),
             **_strides("do", dos), **_strides("dq", dqs), **scales, **args)
-    _launch(_attn_bwd_dkdv, args["SEQ_K"], "BLOCK_N", batch * nheads_kv,
+    _launch(_attn_bwd_dkdv, _launch_rows(args["SEQ_K"], layout_block_k), "BLOCK_N", batch * nheads_kv,
             Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, **kv_ptrs, **layout_q,
             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
             **_strides("dk", dks), **_strides("dv", dvs), **scales, **args)
