@@ -468,8 +468,8 @@ class BlockSparseLayout:
         full_q_num_blocks, full_q_indices, q_order, k_order, q_major, k_major, tile_index, tiles, rule], block_q,
         block_k) where, unlike the layout's own lists, blocks that are full but cross the causal diagonal (with
         is_causal) or hold the ragged end of the keys are listed as partial, and blocks wholly above the
-        diagonal are dropped: the kernels mask causality and sequence ends only in partial blocks. tile_index (B, H, n_q_blocks,
-        n_kv_blocks) int32 points partial blocks that carry a mask_mod to their element mask in tiles
+        diagonal are dropped: the kernels mask causality and sequence ends only in partial blocks.
+        tile_index (B, H, n_q_blocks, n_kv_blocks) int32 points partial blocks that carry a mask_mod to their element mask in tiles
         (P, block_q, ceil(block_k / 32)) int32, bit j of word w being key w * 32 + j of the block;
         -1 elsewhere. Both are empty when the layout has no mask_mod or has an element_rule, which goes to
         rule as int32 (left, right, n_global) for the kernels to evaluate inline (else rule is empty).
