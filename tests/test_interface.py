@@ -122,6 +122,20 @@ def test_launch_key_holds_what_triton_specialises_on(monkeypatch):
     assert kernels._launch_key(kernel, kwargs)[1][0] == q.data_ptr()  # addresses, in signature order
 
 
+def test_reset_tuning_forgets_configs_and_launches():
+    """reset_tuning (benchmarks comparing layouts call it between them) empties every tuning and launch cache;
+    the next call tunes again and gives the same result."""
+    q, k, v = _qkv(1, 2, 1, 45, 77, 32, torch.float16)
+    out = hf_flash.flash_attn_func(q, k, v, causal=True)
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    tuned = (kernels._attn_fwd, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv)
+    assert kernels._CHOSEN and all(kernel.cache for kernel in tuned)
+    kernels.reset_tuning()
+    assert not kernels._CHOSEN and not kernels._COMPILED and not any(kernel.cache for kernel in tuned)
+    assert torch.equal(hf_flash.flash_attn_func(q, k, v, causal=True), out)
+    assert kernels._CHOSEN
+
+
 def test_softmax_scale_and_empty_rows():
     """A custom scale (GPT-2 folds 1/layer_idx into it), and causal rows that see no key."""
     q, k, v = _qkv(1, 2, 2, 70, 20, 32, torch.float32)

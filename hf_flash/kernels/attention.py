@@ -879,6 +879,19 @@ def _launch(kernel, rows, block, programs, **kwargs):
                           tuple(config.kwargs[name] for name in _META))
 
 
+def reset_tuning():
+    """Forget the autotuned configs and cached launches: the next call of each shape tunes again.
+
+    The tuning key holds lengths, head dim, block sizes and feature flags, not a block-sparse layout's
+    contents, so every layout with the same key runs with the config tuned on the first one. A model
+    uses one layout and is tuned on it; a benchmark that compares layouts in one process calls this
+    between them (each layout then gets what it would get in a process of its own)."""
+    _CHOSEN.clear()
+    _COMPILED.clear()
+    for kernel in (_attn_fwd, _attn_bwd_dq, _attn_bwd_dkdv):
+        kernel.cache.clear()  # the autotuner's own choices, keyed the same way
+
+
 def _launch_key(kernel, kwargs):
     """(launch key, pointer addresses, the other non-autotuned arguments in signature order), see _launch."""
     signature = _SIGNATURES.get(kernel)
