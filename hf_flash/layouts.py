@@ -469,10 +469,11 @@ class BlockSparseLayout:
         block_k) where, unlike the layout's own lists, blocks that are full but cross the causal diagonal (with
         is_causal) or hold the ragged end of the keys are listed as partial, and blocks wholly above the
         diagonal are dropped: the kernels mask causality and sequence ends only in partial blocks.
-        tile_index (B, H, n_q_blocks, n_kv_blocks) int32 points partial blocks that carry a mask_mod to their element mask in tiles
-        (P, block_q, ceil(block_k / 32)) int32, bit j of word w being key w * 32 + j of the block;
-        -1 elsewhere. Both are empty when the layout has no mask_mod or has an element_rule, which goes to
-        rule as int32 (left, right, n_global) for the kernels to evaluate inline (else rule is empty).
+        tile_index (B, H, n_q_blocks, n_kv_blocks) int32 points partial blocks that carry a mask_mod to
+        their element mask in tiles (P, block_q, ceil(block_k / 32)) int32, bit j of word w being key
+        w * 32 + j of the block; -1 elsewhere. Both are empty when the layout has no mask_mod or has an
+        element_rule, which goes to rule as int32 (left, right, n_global) for the kernels to evaluate inline
+        (else rule is empty).
         q_order (B, H, n_q_blocks) and k_order (B, H, n_kv_blocks) int32 list the query (key) blocks by their
         number of kept blocks, longest first: the order in which the kernels start them, so that the longest
         rows (columns) never start in the last wave. q_major and k_major (1,) int32: 1 where the kernels
@@ -510,8 +511,8 @@ class BlockSparseLayout:
                 bits = masks.view(*masks.shape[:2], words, 32).to(torch.int64) << torch.arange(32, device=self.device)
                 packed = bits.sum(-1)
                 tiles = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-            cache[bool(is_causal)] = ([t.contiguous() for t in (*lists, *orders, *majors, tile_index, tiles, rule)], self.block_q,
-                                   self.block_k)
+            tensors = [t.contiguous() for t in (*lists, *orders, *majors, tile_index, tiles, rule)]
+            cache[bool(is_causal)] = (tensors, self.block_q, self.block_k)
         return cache[bool(is_causal)]
 
     @property

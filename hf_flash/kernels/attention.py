@@ -812,7 +812,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
 
 @triton.jit
 def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), SEED, False, False)
+    start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), SEED, False, False)  # dense order (MAJOR unread)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rng_rows = off_bh.to(tl.int64) * SEQ_Q + rows  # as in the attention kernels
     seed = tl.load(SEED)
