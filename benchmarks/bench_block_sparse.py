@@ -11,7 +11,9 @@ timing, the BlockMask's blocks and elements are compared with the layout's, and 
 gradients of both kernels with each other. Our kernels are retuned for every case
 (kernels.attention.reset_tuning), as a model using that one layout would tune them. Predicted = dense
 hf_flash time x block density (target: actual / predicted <= 1.25); Flex / ours > 1 means hf_flash is
-faster (target >= 1.0).
+faster (target >= 1.0). Times are triton.testing.do_bench medians of a call (the backward: autograd.grad on a
+retained graph), so at small sizes they hold host latency too; a second table gives each pass's GPU kernel time
+alone (torch.profiler), and the configs our kernels were tuned to.
 Writes <out-dir>/<name>.{json,md,png} (default name bench_block_sparse; JSON after every case) and
 prints the table last.
 """
@@ -102,12 +104,40 @@ def max_diffs(methods, dout):
             "grad_rel": max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(grads_a, grads_b))}
 
 
+def kernel_ms(fwd, inputs, reps=20):
+    """(forward, backward) ms of GPU kernel time alone (torch.profiler, summed over the pass's kernels): what the
+    pass costs when the GPU has work queued, as in training, with no host latency in it."""
+    from torch.profiler import ProfilerActivity, profile
+    out = fwd(*inputs)
+    dout = torch.randn_like(out)
+    passes = {"fwd": lambda: fwd(*inputs), "bwd": lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)}
+    result = []
+    for run in passes.values():
+        run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                run()
+            torch.cuda.synchronize()
+        result.append(sum(e.time_range.elapsed_us() for e in prof.events()
+                          if e.device_type == torch.autograd.DeviceType.CUDA) / reps / 1e3)
+    return tuple(result)
+
+
+def chosen_configs():
+    """The block-sparse kernels' autotuned configs, kernel -> 'BLOCK_MxBLOCK_N wWARPS sSTAGES'."""
+    sparse = attention_kernels._TUNE_KEY.index("SPARSE") + 2  # _CHOSEN keys: (kernel, dtype, *tune key)
+    return {key[0].base_fn.__name__: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+            for key, c in attention_kernels._CHOSEN.items() if key[sparse]}
+
+
 def bench_case(key, n, flex, dense_cache):
     title, build, flex_mask_mod, _ = CASES[key]
     # Tune for this layout, as a model using it would: configs are keyed by lengths and flags, not by the
     # layout, so without this a layout runs with whatever an earlier case with the same key was tuned on.
     attention_kernels.reset_tuning()
-    row = {"case": key, "title": title, "seqlen": n, "fwd_ms": {}, "bwd_ms": {}, "errors": {}}
+    row = {"case": key, "title": title, "seqlen": n, "fwd_ms": {}, "bwd_ms": {}, "fwd_kernel_ms": {}, "bwd_kernel_ms": {},
+           "errors": {}}
     layout = build(n, DEVICE)
     block_mask = block_mask_of(layout, flex_mask_mod(n, layout))
     row["density"] = layout.density
@@ -130,8 +160,14 @@ def bench_case(key, n, flex, dense_cache):
                 dense_cache[n, name] = times, err
         row["fwd_ms"][name], row["bwd_ms"][name] = times or (None, None)
         row["errors"][name] = err
+    for name, (fn, inputs) in methods.items():
+        times, row["errors"][f"{name}_kernels"] = attempt(lambda: kernel_ms(fn, inputs))
+        row["fwd_kernel_ms"][name], row["bwd_kernel_ms"][name] = times or (None, None)
+    row["configs"] = chosen_configs()
     row["errors"] = {name: e for name, e in row["errors"].items() if e}
     for pas in ("fwd", "bwd"):
+        ours, flex_ms = (row[f"{pas}_kernel_ms"].get(m) for m in (OURS, FLEX))
+        row[f"{pas}_kernel_flex_over_ours"] = flex_ms / ours if ours and flex_ms else None
         ours, flex_ms, dense_ms = (row[f"{pas}_ms"].get(m) for m in (OURS, FLEX, "dense_hf_flash"))
         predicted = dense_ms * row["density"] if dense_ms else None
         row[f"{pas}_predicted_ms"] = predicted
@@ -167,6 +203,18 @@ def markdown(results):
                      f" | {pair(r, 'actual_over_predicted')} | {pair(r, 'flex_over_ours', suffix='×')} "
                      f"| {'ok' if check else 'MISMATCH' if check is False else '—'} "
                      f"| {fmt(diff.get('out'), '.1e')} / {fmt(diff.get('grad_rel'), '.1e')} |")
+    lines += ["", "GPU kernel time alone (torch.profiler, the pass's kernels summed; no host latency: what a pass costs "
+              "when the GPU has work queued, as in training), and the configs our kernels were tuned to.", "",
+              "| mask | N | hf_flash kernels | Flex kernels | Flex ÷ ours (kernels) | configs (fwd; dQ; dK/dV) |",
+              "|---|---:|---:|---:|---:|---|"]
+    for r in results["rows"]:
+        kernels = {pas: r.get(f"{pas}_kernel_ms") or {} for pas in ("fwd", "bwd")}
+        configs = r.get("configs") or {}
+        lines.append(f"| {r['title']} | {r['seqlen']} | "
+                     + " | ".join(f"{fmt(kernels['fwd'].get(m), '.3f')} / {fmt(kernels['bwd'].get(m), '.3f')}"
+                                  for m in (OURS, FLEX))
+                     + f" | {pair(r, 'kernel_flex_over_ours', suffix='×')} | "
+                     + "; ".join(configs.get(k, "—") for k in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -247,7 +295,7 @@ def main(argv=None):
         results["rows"].append(row)
         print(f"[{i}/{len(grid)}] {key} N={n} density {fmt(row['density'], '.3f')} mask {row.get('mask_check')} "
               f"diff {row.get('max_diff')} ms ours {ms(row, OURS)} flex {ms(row, FLEX)} dense {ms(row, DENSE[0])} "
-              f"flex/ours {pair(row, 'flex_over_ours')} actual/predicted {pair(row, 'actual_over_predicted')} "
+              f"flex/ours {pair(row, 'flex_over_ours')} (kernels {pair(row, 'kernel_flex_over_ours')}) actual/predicted {pair(row, 'actual_over_predicted')} "
               f"{row['errors'] or ''}", flush=True)
         Path(f"{out}.json").write_text(json.dumps(results, indent=1))
     md = markdown(results)

@@ -277,3 +277,25 @@ def test_every_config_is_exact(index, head_dim, dtype, monkeypatch):
         monkeypatch.setattr(kernel, "cache", {})
     for causal in (False, True):
         check_against_reference(*_qkv(2, 4, 2, 333, 301, head_dim, dtype), causal)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter has a single config and no CUDA graphs")
+def test_autotuner_times_every_config_on_the_gpu(monkeypatch):
+    """The search times each candidate from a CUDA graph (_time_config), in the forward and in the backward
+    (which autograd runs on its device thread), and the tuned kernels are exact."""
+    x = torch.randn(1 << 20, device="cuda")
+    median, low, high = kernels._time_config(lambda: x.mul_(1.0), None)
+    assert 0 < low <= median <= high < 1.0  # ms; a 4 MB in-place multiply takes microseconds
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    tuners = (kernels._attn_fwd, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv)
+    for kernel in tuners:
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setattr(kernel, "configs_timings", None, raising=False)
+    check_against_reference(*_qkv(2, 3, 3, 517, 517, 64, torch.bfloat16), True)
+    assert {key[0] for key in kernels._CHOSEN} == set(tuners)
+    for kernel in tuners:
+        timings = kernel.configs_timings
+        assert timings and len(timings) > 1, kernel.base_fn.__name__
+        assert all(0 < t[0] < float("inf") for t in timings.values()), (kernel.base_fn.__name__, timings)
