@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 import hf_flash  # noqa: E402
 from bench_features import fwd_bwd  # noqa: E402
+from bench_host import kernel_times  # noqa: E402
 from bench_kernels import attempt, environment, fmt, pyplot, sdpa  # noqa: E402
 from hf_flash import layouts  # noqa: E402
 from hf_flash.kernels import attention as attention_kernels  # noqa: E402
@@ -119,8 +120,7 @@ def kernel_ms(fwd, inputs, reps=20):
             for _ in range(reps):
                 run()
             torch.cuda.synchronize()
-        result.append(sum(e.time_range.elapsed_us() for e in prof.events()
-                          if e.device_type == torch.autograd.DeviceType.CUDA) / reps / 1e3)
+        result.append(kernel_times(prof, reps)[0])
     return tuple(result)
 
 
@@ -295,7 +295,8 @@ def main(argv=None):
         results["rows"].append(row)
         print(f"[{i}/{len(grid)}] {key} N={n} density {fmt(row['density'], '.3f')} mask {row.get('mask_check')} "
               f"diff {row.get('max_diff')} ms ours {ms(row, OURS)} flex {ms(row, FLEX)} dense {ms(row, DENSE[0])} "
-              f"flex/ours {pair(row, 'flex_over_ours')} (kernels {pair(row, 'kernel_flex_over_ours')}) actual/predicted {pair(row, 'actual_over_predicted')} "
+              f"flex/ours {pair(row, 'flex_over_ours')} (kernels {pair(row, 'kernel_flex_over_ours')}) "
+              f"actual/predicted {pair(row, 'actual_over_predicted')} "
               f"{row['errors'] or ''}", flush=True)
         Path(f"{out}.json").write_text(json.dumps(results, indent=1))
     md = markdown(results)
