@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 import triton
+import triton.language as tl
 from conftest import DEVICE, ON_GPU, assert_close_2x
 
 import hf_flash
@@ -340,11 +341,13 @@ def test_dropout_mask_statistics(dropout_p):
     # batches, heads and rows each get their own numbers, not copies of one stream
     assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
     assert not torch.equal(keep[:, :, 0], keep[:, :, 1]) and not torch.equal(keep[..., 0], keep[..., 1])
-    # Neighbours share Philox calls (draws of one call are 1 and 8 keys apart): pairs must be independent,
-    # i.e. both kept with probability (1 - p)^2, within 5 standard deviations. Each pair shares an element
-    # with two others, which adds 2 (q^3 - q^4) per pair to the binomial variance q^2 (1 - q^2).
+    # Neighbours share Philox calls (draws of one call are 1, 7, 8, 9, 16, ... keys apart, and those 1, 7 or 9
+    # apart may share a byte of a word): pairs must be independent, i.e. both kept with probability
+    # (1 - p)^2, within 5 standard deviations (byte sharing correlates them by ~0.2%, about 1 standard
+    # deviation at the GPU size). Each pair shares an element with two others, which adds 2 (q^3 - q^4)
+    # per pair to the binomial variance q^2 (1 - q^2).
     q = 1 - dropout_p
-    for dq, dk in ((0, 1), (0, 2), (0, 8), (0, 16), (0, 32), (1, 0), (8, 0)):
+    for dq, dk in ((0, 1), (0, 2), (0, 7), (0, 8), (0, 9), (0, 16), (0, 32), (0, 64), (1, 0), (8, 0)):
         a, b = keep[:, :, :keep.shape[2] - dq, :keep.shape[3] - dk], keep[:, :, dq:, dk:]
         both, m = (a & b).sum().item(), a.numel()
         std = math.sqrt(m * (q ** 2 * (1 - q ** 2) + 2 * (q ** 3 - q ** 4)))
@@ -361,6 +364,39 @@ def test_dropout_mask_same_for_every_tile_size(block_m, block_n):
     kernels._dropout_mask_kernel[(triton.cdiv(shape[2], block_m) * shape[0] * shape[1],)](
         seed, out, shape[2], shape[3], 0.3, BLOCK_M=block_m, BLOCK_N=block_n)
     assert torch.equal(out.bool(), ref)
+
+
+@triton.jit
+def _philox_words(SEED, OUT, N_GROUPS: tl.constexpr, N_ROWS: tl.constexpr):
+    """The raw Philox-4x32-7 words for counters (g, row): OUT (N_ROWS, N_GROUPS, 4) int32."""
+    rows = tl.arange(0, N_ROWS).to(tl.int64)
+    groups = tl.arange(0, N_GROUPS).to(tl.uint32)[None, :]
+    words = tl.philox(tl.load(SEED), groups, (rows >> 32).to(tl.uint32)[:, None], rows.to(tl.uint32)[:, None], 0, 7)
+    base = OUT + rows[:, None] * N_GROUPS * 4 + groups.to(tl.int64) * 4
+    for w in tl.static_range(4):
+        tl.store(base + w, words[w].to(tl.int32, bitcast=True))
+
+
+def test_dropout_mask_follows_the_documented_draws():
+    """dropout_mask() (hence every kernel, see the tile-size test) keeps key k of row r iff the 16-bit draw
+    that _dropout_keep's docstring assigns to it is >= t: Philox call (g, r) with g = 4 * (k // 64) + c, where
+    k % 64 = 8 * n + 2 * c + e; its word n // 2 and draw j = 2 * (n % 2) + e of that word, made of the word's
+    bytes j + 1 mod 4 (high) and j (low)."""
+    rows, keys, p = 16, 128, 0.3
+    seed = kernels.draw_dropout_seed(torch.device(DEVICE))
+    words = torch.empty(rows, keys // 16, 4, dtype=torch.int32, device=DEVICE)
+    _philox_words[(1,)](seed, words, N_GROUPS=keys // 16, N_ROWS=rows)
+    data = words.to(torch.int64) & 0xFFFFFFFF
+    byte = [(data >> (8 * b)) & 0xFF for b in range(4)]  # each (rows, groups, 4 words)
+    t = min(math.ceil(p * 65536), 65535)
+    expected = torch.empty(rows, keys, dtype=torch.bool, device=DEVICE)
+    for k in range(keys):
+        g, c, n, e = 4 * (k // 64) + (k % 8) // 2, (k % 8) // 2, (k % 64) // 8, k % 2
+        w, j = n // 2, 2 * (n % 2) + e
+        assert g % 4 == c
+        draw = byte[(j + 1) % 4][:, g, w] * 256 + byte[j][:, g, w]
+        expected[:, k] = draw >= t
+    assert torch.equal(kernels.dropout_mask(seed, 1, 1, rows, keys, p)[0, 0], expected)
 
 
 def test_dropout_seed_and_return_lse():

@@ -255,42 +255,57 @@ def _alibi(rows, cols, diag, slope2):
 def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Philox keep mask of the (BLOCK_M query rows, BLOCK_N keys from start_n) tile.
 
-    One Philox-4x32 call (7 rounds, as in FlashAttention-2) yields 4 words of 2 draws of 16 bits. The
-    call with counter (g, row), where row = bh * SEQ_Q + i, serves the keys 32 * (g // 4) + 8 * w +
-    2 * (g % 4) + e of that row: draw e (low or high half) of word w. That is how a tensor-core
-    accumulator is spread over threads (key pairs 2c, 2c + 1, repeating every 8 keys), so each draw is
-    made by the thread that holds its element. Drawing 8 consecutive keys per call instead needs a
-    shuffle through shared memory, and cost twice as much per element on the H100 (perf-notes.md).
-    Tiles of any size see the same mask, so the forward, both backward kernels and dropout_mask()
-    agree. An element is kept when its draw >= t = min(ceil(p * 65536), 65535): p is quantised up to
-    t / 65536 for the keep test (kept values are still scaled by exactly 1 / (1 - p)). The test is an
-    integer compare in place in the 32-bit word; an int-to-float conversion runs at a quarter of the ALU rate.
+    One Philox-4x32 call (7 rounds, as in FlashAttention-2) yields 4 words of 4 draws of 16 bits each:
+    draw j of a word is its bytes j (low) and j + 1 mod 4 (high), i.e. windows at 8-bit steps around the
+    word (_word_keep). The call with counter (g, row), where row = bh * SEQ_Q + i, serves the 16 keys
+    64 * (g // 4) + 8 * n + 2 * (g % 4) + e of that row, n = 2 * w + j // 2 and e = j % 2 for draw j of word
+    w. That is how a tensor-core accumulator is spread over threads (key pairs 2c, 2c + 1, repeating every
+    8 keys), so each draw is made by the thread that holds its element; a shuffle through shared memory
+    instead costs twice as much per element on the H100 (perf-notes.md). Tiles of any size see the same
+    mask, so the forward, both backward kernels and dropout_mask() agree; a 32- or 16-key tile computes
+    its span's call and uses half or a quarter of it.
+    An element is kept when its draw >= t = min(ceil(p * 65536), 65535): p is quantised up to t / 65536 for
+    the keep test (kept values are still scaled by exactly 1 / (1 - p)). Every draw is uniform on 16 bits,
+    so each flag is kept with probability exactly 1 - t / 65536; two draws that share a byte (keys 1, 7 or
+    9 apart in one call) are correlated by ~0.2% (p = 0.1), through the 1/256 chance that the shared byte
+    decides. Sixteen draws per call instead of eight halve the Philox work per element, which is most of
+    dropout's cost (perf-notes.md). The tests are integer compares in place in the 32-bit word; an
+    int-to-float conversion runs at a quarter of the ALU rate.
     """
     rows = rng_rows.to(tl.int64)
     row_hi, row_lo = (rows >> 32).to(tl.uint32)[:, None], rows.to(tl.uint32)[:, None]
     t = tl.minimum(tl.math.ceil(dropout_p * 65536.0), 65535.0).to(tl.uint32)
     # The counter goes in as a row and a column vector, so the first Philox round works on vectors.
-    if BLOCK_N >= 32:
-        groups = (start_n // 8 + tl.arange(0, BLOCK_N // 8)).to(tl.uint32)[None, :]
+    if BLOCK_N >= 64:
+        groups = (start_n // 16 + tl.arange(0, BLOCK_N // 16)).to(tl.uint32)[None, :]
         w0, w1, w2, w3 = tl.philox(seed, groups, row_hi, row_lo, 0, 7)
-        keep = tl.join(tl.join(_draw_pair_keep(w0, t), _draw_pair_keep(w1, t)),
-                       tl.join(_draw_pair_keep(w2, t), _draw_pair_keep(w3, t)))
-        # (row, g // 4, g % 4, e, w % 2, w // 2) -> key order (g // 4, w // 2, w % 2, g % 4, e)
-        keep = tl.permute(tl.reshape(keep, (BLOCK_M, BLOCK_N // 32, 4, 2, 2, 2)), (0, 1, 5, 4, 2, 3))
-    else:  # a 16-key tile is half a 32-key span: words 0 and 1, or 2 and 3
-        groups = (start_n // 32 * 4 + tl.arange(0, 4)).to(tl.uint32)[None, :]
+        keep = tl.join(tl.join(_word_keep(w0, t), _word_keep(w1, t)), tl.join(_word_keep(w2, t), _word_keep(w3, t)))
+        # (row, g // 4, g % 4, e, n % 2, w % 2, w // 2) -> key order (g // 4, w // 2, w % 2, n % 2, g % 4, e)
+        keep = tl.permute(tl.reshape(keep, (BLOCK_M, BLOCK_N // 64, 4, 2, 2, 2, 2)), (0, 1, 6, 5, 4, 2, 3))
+    else:  # part of a 64-key span: its call, and the words that hold this tile's keys
+        groups = (start_n // 64 * 4 + tl.arange(0, 4)).to(tl.uint32)[None, :]
         w0, w1, w2, w3 = tl.philox(seed, groups, row_hi, row_lo, 0, 7)
-        second = (start_n // 16) % 2 == 1
-        keep = tl.join(_draw_pair_keep(tl.where(second, w2, w0), t), _draw_pair_keep(tl.where(second, w3, w1), t))
-        keep = tl.permute(keep, (0, 3, 1, 2))  # (row, g, e, w % 2) -> key order (w % 2, g, e)
+        if BLOCK_N == 32:  # words 0, 1 or 2, 3
+            second = (start_n // 32) % 2 == 1
+            keep = tl.join(_word_keep(tl.where(second, w2, w0), t), _word_keep(tl.where(second, w3, w1), t))
+            keep = tl.permute(keep, (0, 4, 3, 1, 2))  # (row, g, e, n % 2, w % 2) -> key order (w % 2, n % 2, g, e)
+        else:  # 16 keys: one word
+            quarter = (start_n // 16) % 4
+            word = tl.where(quarter == 0, w0, tl.where(quarter == 1, w1, tl.where(quarter == 2, w2, w3)))
+            keep = tl.permute(_word_keep(word, t), (0, 3, 1, 2))  # (row, g, e, n % 2) -> key order (n % 2, g, e)
     return tl.reshape(keep, (BLOCK_M, BLOCK_N))
 
 
 @triton.jit
-def _draw_pair_keep(word, t):
-    """Keep flags of the two 16-bit draws (low half, high half) in a Philox word."""
+def _word_keep(word, t):
+    """Keep flags of a Philox word's four 16-bit draws, shape (..., 2, 2): [..., e, h] is draw j = 2 * h + e,
+    whose high byte is byte j + 1 mod 4 of the word and low byte byte j."""
     word = word.to(tl.uint32, bitcast=True)
-    return tl.join((word & 0xFFFF) >= t, word >= (t << 16))
+    d0 = (word & 0xFFFF) >= t  # bytes 1:0
+    d1 = (word & 0xFFFFFF) >= (t << 8)  # bytes 2:1 (byte 0 cannot carry a compare with a multiple of 256)
+    d2 = word >= (t << 16)  # bytes 3:2
+    d3 = (((word << 8) | (word >> 24)) & 0xFFFF) >= t  # bytes 0:3, a rotate
+    return tl.join(tl.join(d0, d1), tl.join(d2, d3))
 
 
 @triton.jit
