@@ -144,7 +144,8 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0,
         query_padding_mask: (batch, seqlen_q) bool, True = real query. Rows that are False output 0,
             lse +inf, and get zero gradient.
         deterministic: accepted for flash-attn compatibility; the backward is always deterministic
-            (dK/dV are reduced over query heads inside one program, never with atomics).
+            (dK/dV are reduced over query heads inside one program, never with atomics), unless the
+            experimental HF_FLASH_ATOMIC_DQ is set, which then makes deterministic=True an error.
         return_lse: also return the log-sum-exp of the scaled scores (bias included, before dropout),
             (batch, nheads, seqlen_q) float32, natural log. It is differentiable.
 
@@ -158,6 +159,7 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0,
     _check_qkv(q, k, v, ndim=4)
     batch = q.shape[0]
     scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alibi_slopes)
+    _check_deterministic(deterministic, dropout_p)
     key_padding_mask = _check_padding_mask("key_padding_mask", key_padding_mask, batch, k.shape[1], q.device)
     query_padding_mask = _check_padding_mask("query_padding_mask", query_padding_mask, batch, q.shape[1], q.device)
     seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
@@ -195,10 +197,18 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          f"got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     batch = cu_seqlens_q.numel() - 1
     scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alibi_slopes)
+    _check_deterministic(deterministic, dropout_p)
     seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
     out, lse = _kernels.run_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None,
                                       None, alibi_slopes, seed, scale, left, right, float(dropout_p), [], 0, 0)
     return (out, lse) if return_lse else out
+
+
+def _check_deterministic(deterministic, dropout_p):
+    mode = _kernels.ATOMIC_DQ
+    if deterministic and (mode == "1" or (mode == "dropout" and dropout_p > 0)):
+        raise ValueError(f"deterministic=True cannot be honoured with HF_FLASH_ATOMIC_DQ={mode!r} (dQ summed with "
+                         "atomics); unset it or pass deterministic=False")
 
 
 def _check_layout(layout, q, k):

@@ -13,6 +13,7 @@ from test_features import BF16, FP16, FP32, _check, _padding_mask, _pick, _qkv
 
 import hf_flash
 from hf_flash import layouts as L
+from hf_flash.kernels import attention as kernels
 from hf_flash.reference import attention_reference, visibility_mask
 
 
@@ -83,6 +84,15 @@ def test_combined_with_causal_padding_dropout(extra):
         extra["key_padding_mask"] = _padding_mask(b, sk, extra["key_padding_mask"])
     layout = L.local(20 if not ON_GPU else 300, sq, sk, bs, device=DEVICE) | L.global_tokens(7, sq, sk, bs, device=DEVICE)
     check_sparse(*_qkv(b, h, hk, sq, sk, d, dtype), layout, **extra)
+
+
+def test_atomic_dq(monkeypatch):
+    """kernels.ATOMIC_DQ: the block-sparse dK/dV kernel sums dQ with atomics over its kept query blocks."""
+    monkeypatch.setattr(kernels, "ATOMIC_DQ", "1")
+    b, h, hk, sq, sk, d, bs, dtype = _pick([(2, 2, 1, 60, 75, 32, 32, FP32)], [(2, 8, 2, 1500, 1700, 64, 128, BF16)])[0]
+    layout = LAYOUTS["bigbird-per-head"](sq, sk, bs, b, h)
+    check_sparse(*_qkv(b, h, hk, sq, sk, d, dtype), layout, causal=True, dropout_p=0.3, lse_grad=True,
+                 key_padding_mask=_padding_mask(b, sk, "right"))
 
 
 def test_empty_rows_and_columns():

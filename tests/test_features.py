@@ -460,6 +460,23 @@ def test_varlen_dropout(case, dropout_p):
                  window_size=(50, -1), lse_grad=True)
 
 
+@pytest.mark.parametrize("mode, dropout_p", [("1", 0.3), ("1", 0.0), ("dropout", 0.2)])
+def test_atomic_dq(mode, dropout_p, monkeypatch):
+    """kernels.ATOMIC_DQ: the dK/dV kernel sums dQ with atomics (one launch); same gradients as the reference,
+    dense (GQA, window, ALiBi, both paddings, lse gradient) and packed."""
+    monkeypatch.setattr(kernels, "ATOMIC_DQ", mode)
+    b, h, hk, sq, sk, d, dtype = (4, 8, 2, 1023, 1025, 64, BF16) if ON_GPU else (2, 3, 1, 64, 90, 32, FP32)
+    q, k, v = _qkv(b, h, hk, sq, sk, d, dtype)
+    check_dense(q, k, v, causal=True, window_size=(40, -1), alibi_slopes=_slopes("bh", b, h),
+                key_padding_mask=_padding_mask(b, sk, "left"), query_padding_mask=_padding_mask(b, sq, "random"),
+                dropout_p=dropout_p, lse_grad=True)
+    lens_q, lens_k = ([3, 1024, 1, 0, 1999], [600, 1024, 1, 5, 1999]) if ON_GPU else ([3, 64, 1, 0, 41], [60, 64, 1, 5, 41])
+    q, k, v = _varlen_qkv(lens_q, lens_k, h, hk, d, dtype)
+    check_varlen(q, k, v, lens_q, lens_k, causal=True, dropout_p=dropout_p, lse_grad=True)
+    with pytest.raises(ValueError, match="deterministic=True cannot be honoured with HF_FLASH_ATOMIC_DQ"):
+        hf_flash.flash_attn_func(q[None], k[None], v[None], dropout_p=0.2, deterministic=True)
+
+
 # --- determinism and recomputation ----------------------------------------------------------------
 
 @pytest.mark.parametrize("api", ["dense", "varlen"])

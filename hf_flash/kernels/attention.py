@@ -26,6 +26,10 @@ import triton.language as tl
 # HF_FLASH_AUTOTUNE=0 skips the config search and takes the first config that fits: no tuning
 # time on the first call of each shape bucket, at some cost in speed (the test suite uses it).
 AUTOTUNE = os.environ.get("HF_FLASH_AUTOTUNE", "1") not in ("", "0")
+# The backward's dQ, EXPERIMENTAL (not yet timed on a GPU): "0" a dQ kernel of its own (two launches, deterministic),
+# "dropout" summed by the dK/dV kernel with fp32 atomics when dropout is on (the keep mask is then drawn once
+# instead of twice, as in FlashAttention-2), "1" always.
+ATOMIC_DQ = os.environ.get("HF_FLASH_ATOMIC_DQ", "0")
 # The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors for testing. It is read at
 # import time because triton.jit chooses between compiling and interpreting when it decorates.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -558,7 +562,9 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
 # --------------------------------------------------------------------------------------------
 # Backward: two launches. First dQ (one program per query block), which also computes and stores
 # delta = rowsum(dO * O) - dLSE for its rows; then dK/dV (one program per key block, looping over the
-# query heads of its KV group, so no atomics), which reads delta.
+# query heads of its KV group, so no atomics), which reads delta. Each recomputes P (and the dropout
+# mask). With ATOMIC_DQ (experimental), delta comes from torch and the dK/dV kernel alone runs, adding
+# each key block's dS K into an fp32 dQ buffer with atomics, as FlashAttention-2 does (not deterministic).
 #
 # Query rows past seqlen_q load as q = 0, dO = 0, LSE = +inf, so their probabilities are exactly 0
 # and need no mask. Key rows past seqlen_k only touch dK/dV rows that are never stored, but in dQ
@@ -566,14 +572,15 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
+                    stride_qm, stride_qd, stride_dom, stride_dod,
                     lo, hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left, win_right, key_kept,
                     slope2, seed, rng_base, SEQ_K, dropout_p, idx_ptr, tile_ptr, tile_stride, TILES, RULE,
                     MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                     SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
-                    LAYOUT_BK: tl.constexpr):
+                    LAYOUT_BK: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     inv_keep = 1.0 / (1.0 - dropout_p)
     for it in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BQ, BLOCK_M), BLOCK_M)
@@ -610,13 +617,19 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         dv = tl.dot(_mm(_cast(p_drop_t, do.dtype, INTERPRET), INTERPRET), _mm(do, INTERPRET), dv, input_precision=PRECISION)
         delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(_mm(_cast(ds_t, q.dtype, INTERPRET), INTERPRET), _mm(q, INTERPRET), dk, input_precision=PRECISION)
+        ds_t = _cast(ds_t, q.dtype, INTERPRET)
+        dk = tl.dot(_mm(ds_t, INTERPRET), _mm(q, INTERPRET), dk, input_precision=PRECISION)
+        if ATOMIC_DQ:  # this key block's share of dQ for these query rows, summed in fp32 across key blocks
+            dq = tl.dot(_mm(tl.trans(ds_t), INTERPRET), _mm(k, INTERPRET), input_precision=PRECISION) * sm_scale
+            tl.atomic_add(dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
+                          mask=(rows[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE, do_bench=_time_config)
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE, do_bench=_time_config,
+                 reset_to_zero=["DQ"])  # ATOMIC_DQ accumulates into DQ: tuning runs must not leave sums behind
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, SEED,
                    LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ORDER, MAJOR, ly_sb, ly_sh,
                    stride_qb, stride_qm, stride_qh, stride_qd,
                    stride_kb, stride_kn, stride_kh, stride_kd,
@@ -624,6 +637,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
                    stride_dob, stride_dom, stride_doh, stride_dod,
                    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
                    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+                   stride_dqb, stride_dqm, stride_dqh, stride_dqd,
                    stride_lb, stride_lh, stride_kpm, stride_ab, stride_ah,
                    NHEADS, GROUP, SEQ_Q, SEQ_K, sm_scale, qk_scale, win_left, win_right, dropout_p,
                    SEQ_Q_BUCKET, SEQ_K_BUCKET,
@@ -631,7 +645,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                    SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
-                   LAYOUT_BK: tl.constexpr,
+                   LAYOUT_BK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     block_n, off_bhk = _tile(_n_tiles(SEQ_K, BLOCK_N, SPARSE, LAYOUT_BK), MAJOR, False, SPARSE)
     nheads_kv = NHEADS // GROUP
@@ -669,6 +683,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
         do_base = DO + off_b * stride_dob + q_start * stride_dom + off_h * stride_doh
         lse_base = LSE + off_b * stride_lb + off_h * stride_lh + q_start
         delta_base = Delta + off_b * stride_lb + off_h * stride_lh + q_start
+        dq_base = DQ + off_b * stride_dqb + q_start * stride_dqm + off_h * stride_dqh
         slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
         rng_base = off_bh * SEQ_Q
         if SPARSE:
@@ -677,7 +692,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
             ly_col = (off_b * ly_sb + off_h * ly_sh) * tl.cdiv(SEQ_K, LAYOUT_BK) + start_n // LAYOUT_BK
             tile_col = TILE_IDX + (off_b * ly_sb + off_h * ly_sh) * n_q_blocks * tl.cdiv(SEQ_K, LAYOUT_BK) \
                 + start_n // LAYOUT_BK
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      0, tl.load(LY_NUM + ly_col) * LAYOUT_BQ, offs_m, start_n, cols, offs_d, seq_q,
                                      seq_k, diag, qk_scale, win_left, win_right, key_kept, slope2, seed, rng_base,
@@ -685,39 +700,39 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, CU_Q, CU_K, KPM, ALIBI, SEED
                                      tl.cdiv(SEQ_K, LAYOUT_BK), TILES, RULE,
                                      True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
                                      HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
-                                     True, HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     True, HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK, ATOMIC_DQ)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      0, tl.load(LY_FULL_NUM + ly_col) * LAYOUT_BQ, offs_m, start_n, cols, offs_d,
                                      seq_q, seq_k, diag, qk_scale, win_left, win_right, key_kept, slope2, seed,
                                      rng_base, SEQ_K, dropout_p, LY_FULL_IDX + ly_col * n_q_blocks, tile_col, 0, TILES, RULE,
                                      False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
                                      HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
-                                     True, False, False, LAYOUT_BQ, LAYOUT_BK)
+                                     True, False, False, LAYOUT_BQ, LAYOUT_BK, ATOMIC_DQ)
         else:
             if HAS_RIGHT:
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
                                          stride_qm, stride_qd, stride_dom, stride_dod,
                                          lo, full_lo, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale,
                                          win_left, win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
                                          LY_IDX, TILE_IDX, 0, TILES, RULE,
                                          True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                                         HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET, False, False, False, 1, 1)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                         HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET, False, False, False, 1, 1, ATOMIC_DQ)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      full_lo, full_hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale,
                                      win_left, win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
                                      LY_IDX, TILE_IDX, 0, TILES, RULE,
                                      False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET, False, False, False, 1, 1)
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET, False, False, False, 1, 1, ATOMIC_DQ)
             if HAS_LEFT:
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
                                          stride_qm, stride_qd, stride_dom, stride_dod,
                                          full_hi, hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale,
                                          win_left, win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
                                          LY_IDX, TILE_IDX, 0, TILES, RULE,
                                          True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                                         HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET, False, False, False, 1, 1)
+                                         HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET, False, False, False, 1, 1, ATOMIC_DQ)
 
     mask = (cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
     dk *= sm_scale
@@ -1119,22 +1134,46 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
     (q4, qs), (k4, ks), (v4, vs), (o4, os_), (do4, dos) = (_as_4d(t, varlen) for t in (q, k, v, out, dout))
     (dq4, dqs), (dk4, dks), (dv4, dvs) = (_as_4d(t, varlen) for t in (dq, dk, dv))
 
-    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     scales = dict(sm_scale=softmax_scale)
     kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
     layout_kv, layout_q = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
-    _launch(_attn_bwd_dq, _launch_rows(args["SEQ_Q"], layout_block_q), "BLOCK_M", batch * nheads,
-            Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse, Delta=delta, DQ=dq4,
-            **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
-            **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_),
-            **_strides("do", dos), **_strides("dq", dqs), **scales, **args)
+    atomic = ATOMIC_DQ == "1" or (ATOMIC_DQ == "dropout" and dropout_p > 0.0)
+    if atomic:  # one launch: dK/dV also adds each block's dQ into an fp32 buffer (the mask is drawn once)
+        delta = (dout.float() * out.float()).sum(-1)  # (batch, seq, heads) or (total, heads)
+        delta = (delta.t() if varlen else delta.transpose(1, 2)).contiguous()  # the layout of lse
+        if dlse is not None:
+            delta -= dlse
+        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        dq_acc4, dq_accs = _as_4d(dq_acc, varlen)
+    else:  # dQ first, which also stores delta for the dK/dV kernel
+        delta = torch.empty_like(lse)
+        _launch(_attn_bwd_dq, _launch_rows(args["SEQ_Q"], layout_block_q), "BLOCK_M", batch * nheads,
+                Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse, Delta=delta, DQ=dq4,
+                **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
+                **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_),
+                **_strides("do", dos), **_strides("dq", dqs), **scales, **args)
+        dq_acc4, dq_accs = _no_buffer(q.device), (0, 0, 0, 0)
     _launch(_attn_bwd_dkdv, _launch_rows(args["SEQ_K"], layout_block_k), "BLOCK_N", batch * nheads_kv,
-            Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, **kv_ptrs, **layout_q,
+            Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, DQ=dq_acc4, **kv_ptrs, **layout_q,
             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
-            **_strides("dk", dks), **_strides("dv", dvs), **scales, **args)
+            **_strides("dk", dks), **_strides("dv", dvs), **_strides("dq", dq_accs), ATOMIC_DQ=atomic, **scales, **args)
+    if atomic:
+        dq.copy_(dq_acc)
     return dq, dk, dv
+
+
+_NO_BUFFER = {}
+
+
+def _no_buffer(device):
+    """A one-element fp32 tensor on device, private to this module, for the dK/dV kernel's DQ when it does not
+    accumulate dQ (never read then; the tuner zeroes it)."""
+    buffer = _NO_BUFFER.get(device)
+    if buffer is None:
+        buffer = _NO_BUFFER[device] = torch.zeros(1, device=device, dtype=torch.float32)
+    return buffer
 
 
 # --------------------------------------------------------------------------------------------
