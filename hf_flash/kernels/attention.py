@@ -626,8 +626,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE, do_bench=_time_config,
-                 reset_to_zero=["DQ"])  # ATOMIC_DQ accumulates into DQ: tuning runs must not leave sums behind
+# ATOMIC_DQ adds a matmul and atomics: tuned apart, and tuning runs' sums into DQ are reset before the real launch
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY + ["ATOMIC_DQ"], prune_configs_by=_PRUNE,
+                 do_bench=_time_config, reset_to_zero=["DQ"])
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, SEED,
                    LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ORDER, MAJOR, ly_sb, ly_sh,
@@ -932,7 +933,7 @@ def _launch(kernel, rows, block, programs, **kwargs):
             None, *addresses, *scalars, *meta)
         return
     grid = lambda cfg: (triton.cdiv(rows, cfg[block]) * programs,)
-    tune_key = (kernel, kwargs["Q"].dtype, *(kwargs[name] for name in _TUNE_KEY))
+    tune_key = (kernel, kwargs["Q"].dtype, *(kwargs[name] for name in kernel.keys))
     config = _CHOSEN.get(tune_key)
     if config is None:
         compiled = kernel[grid](**kwargs)
