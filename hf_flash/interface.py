@@ -143,9 +143,10 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0,
         key_padding_mask: (batch, seqlen_k) bool, True = attend; any pattern (right or left padding).
         query_padding_mask: (batch, seqlen_q) bool, True = real query. Rows that are False output 0,
             lse +inf, and get zero gradient.
-        deterministic: accepted for flash-attn compatibility; the backward is always deterministic
-            (dK/dV are reduced over query heads inside one program, never with atomics), unless the
-            experimental HF_FLASH_ATOMIC_DQ is set, which then makes deterministic=True an error.
+        deterministic: the backward gives bit-identical gradients for the same inputs (dK/dV are
+            reduced over query heads inside one program, dQ in its own kernel, never with atomics).
+            That is always so unless the experimental HF_FLASH_ATOMIC_DQ is set, which sums dQ with
+            atomics in the calls that do not pass deterministic=True.
         return_lse: also return the log-sum-exp of the scaled scores (bias included, before dropout),
             (batch, nheads, seqlen_q) float32, natural log. It is differentiable.
 
@@ -159,13 +160,12 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0,
     _check_qkv(q, k, v, ndim=4)
     batch = q.shape[0]
     scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alibi_slopes)
-    _check_deterministic(deterministic, dropout_p)
     key_padding_mask = _check_padding_mask("key_padding_mask", key_padding_mask, batch, k.shape[1], q.device)
     query_padding_mask = _check_padding_mask("query_padding_mask", query_padding_mask, batch, q.shape[1], q.device)
     seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
     out, lse = _kernels.run_attention(q, k, v, None, None, q.shape[1], k.shape[1], key_padding_mask,
                                       query_padding_mask, alibi_slopes, seed, scale, left, right, float(dropout_p),
-                                      [], 0, 0)
+                                      [], 0, 0, bool(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -197,18 +197,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          f"got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     batch = cu_seqlens_q.numel() - 1
     scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alibi_slopes)
-    _check_deterministic(deterministic, dropout_p)
     seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
     out, lse = _kernels.run_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None,
-                                      None, alibi_slopes, seed, scale, left, right, float(dropout_p), [], 0, 0)
+                                      None, alibi_slopes, seed, scale, left, right, float(dropout_p), [], 0, 0,
+                                      bool(deterministic))
     return (out, lse) if return_lse else out
-
-
-def _check_deterministic(deterministic, dropout_p):
-    mode = _kernels.ATOMIC_DQ
-    if deterministic and (mode == "1" or (mode == "dropout" and dropout_p > 0)):
-        raise ValueError(f"deterministic=True cannot be honoured with HF_FLASH_ATOMIC_DQ={mode!r} (dQ summed with "
-                         "atomics); unset it or pass deterministic=False")
 
 
 def _check_layout(layout, q, k):
@@ -226,7 +219,7 @@ def _check_layout(layout, q, k):
 
 
 def block_sparse_attn_func(q, k, v, layout, *, causal=False, softmax_scale=None, dropout_p=0.0,
-                           key_padding_mask=None, return_lse=False):
+                           key_padding_mask=None, deterministic=False, return_lse=False):
     """Exact attention restricted to the blocks a BlockSparseLayout keeps; the others are skipped.
 
     Arguments:
@@ -239,7 +232,7 @@ def block_sparse_attn_func(q, k, v, layout, *, causal=False, softmax_scale=None,
             partial blocks. Build it once and reuse it: its kernel lists are cached on it.
         causal: also apply the bottom-right aligned causal mask (as flash_attn_func); blocks above
             the diagonal are skipped even when the layout keeps them.
-        softmax_scale, dropout_p, key_padding_mask, return_lse: as in flash_attn_func.
+        softmax_scale, dropout_p, key_padding_mask, deterministic, return_lse: as in flash_attn_func.
     A row that attends no key outputs 0, with lse +inf and zero gradient.
 
     Returns:
@@ -253,5 +246,6 @@ def block_sparse_attn_func(q, k, v, layout, *, causal=False, softmax_scale=None,
     layout_tensors, block_q, block_k = layout.kernel_tensors(causal)
     seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
     out, lse = _kernels.run_attention(q, k, v, None, None, q.shape[1], k.shape[1], key_padding_mask, None, None,
-                                      seed, scale, left, right, float(dropout_p), layout_tensors, block_q, block_k)
+                                      seed, scale, left, right, float(dropout_p), layout_tensors, block_q, block_k,
+                                      bool(deterministic))
     return (out, lse) if return_lse else out

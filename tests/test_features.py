@@ -473,8 +473,17 @@ def test_atomic_dq(mode, dropout_p, monkeypatch):
     lens_q, lens_k = ([3, 1024, 1, 0, 1999], [600, 1024, 1, 5, 1999]) if ON_GPU else ([3, 64, 1, 0, 41], [60, 64, 1, 5, 41])
     q, k, v = _varlen_qkv(lens_q, lens_k, h, hk, d, dtype)
     check_varlen(q, k, v, lens_q, lens_k, causal=True, dropout_p=dropout_p, lse_grad=True)
-    with pytest.raises(ValueError, match="deterministic=True cannot be honoured with HF_FLASH_ATOMIC_DQ"):
-        hf_flash.flash_attn_func(q[None], k[None], v[None], dropout_p=0.2, deterministic=True)
+
+    # deterministic=True takes the dQ kernel whatever ATOMIC_DQ says
+    launched = []
+    launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda kernel, *a, **kw: launched.append(kernel) or launch(kernel, *a, **kw))
+    for deterministic in (True, False):
+        launched.clear()
+        out = hf_flash.flash_attn_func(q[None], k[None], v[None], dropout_p=0.2, deterministic=deterministic)
+        torch.autograd.grad(out.sum(), (q, k, v))
+        uses_dq_kernel = kernels._attn_bwd_dq in launched
+        assert uses_dq_kernel == deterministic, (deterministic, [f.base_fn.__name__ for f in launched])
 
 
 # --- determinism and recomputation ----------------------------------------------------------------

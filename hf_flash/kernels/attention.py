@@ -1084,7 +1084,7 @@ def _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
                       query_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
-                      layout_tensors=(), layout_block_q=0, layout_block_k=0, features=None):
+                      layout_tensors=(), layout_block_q=0, layout_block_k=0, deterministic=False, features=None):
     """Returns out (shape of q, contiguous) and lse: (batch, nheads, seqlen_q), or (nheads, total_q) packed.
     features: _features() of these arguments, when the caller already has them (the eager path keeps them
     for the backward)."""
@@ -1120,8 +1120,9 @@ def _strides(name, strides):
 
 def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
-                       layout_tensors=(), layout_block_q=0, layout_block_k=0, features=None):
-    """Returns dq, dk, dv (contiguous, in the input dtypes). dlse may be None. features: as in attention_forward."""
+                       layout_tensors=(), layout_block_q=0, layout_block_k=0, deterministic=False, features=None):
+    """Returns dq, dk, dv (contiguous, in the input dtypes). dlse may be None. features: as in attention_forward.
+    deterministic: never sum dQ with atomics (see ATOMIC_DQ)."""
     varlen = cu_seqlens_q is not None
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
@@ -1140,7 +1141,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
     scales = dict(sm_scale=softmax_scale)
     kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
     layout_kv, layout_q = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
-    atomic = ATOMIC_DQ == "1" or (ATOMIC_DQ == "dropout" and dropout_p > 0.0)
+    atomic = not deterministic and (ATOMIC_DQ == "1" or (ATOMIC_DQ == "dropout" and dropout_p > 0.0))
     if atomic:  # one launch: dK/dV also adds each block's dQ into an fp32 buffer (the mask is drawn once)
         delta = (dout.float() * out.float()).sum(-1)  # (batch, seq, heads) or (total, heads)
         delta = (delta.t() if varlen else delta.transpose(1, 2)).contiguous()  # the layout of lse
@@ -1188,7 +1189,7 @@ def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      key_padding_mask: torch.Tensor | None, query_padding_mask: torch.Tensor | None,
                      alibi_slopes: torch.Tensor | None, seed: torch.Tensor | None, softmax_scale: float,
                      window_left: int, window_right: int, dropout_p: float, layout_tensors: list[torch.Tensor],
-                     layout_block_q: int, layout_block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     layout_block_q: int, layout_block_k: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
                              query_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
                              layout_tensors, layout_block_q, layout_block_k)
@@ -1207,10 +1208,10 @@ def attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                      key_padding_mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
                      seed: torch.Tensor | None, softmax_scale: float, window_left: int, window_right: int,
                      dropout_p: float, layout_tensors: list[torch.Tensor], layout_block_q: int,
-                     layout_block_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     layout_block_k: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
-                              layout_tensors, layout_block_q, layout_block_k)
+                              layout_tensors, layout_block_q, layout_block_k, deterministic)
 
 
 @attention_bwd_op.register_fake
@@ -1221,30 +1222,30 @@ def _(dout, q, k, v, *args):
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, _query_padding_mask,
      alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p, layout_tensors, layout_block_q,
-     layout_block_k) = inputs
+     layout_block_k, deterministic) = inputs
     out, lse = output
     # Padding queries need nothing here: their lse is +inf, so the backward gives them zero gradient.
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed,
                           *layout_tensors)
     ctx.config = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p,
-                  layout_block_q, layout_block_k)
+                  layout_block_q, layout_block_k, deterministic)
     ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, dout, dlse, backward_fn=attention_bwd_op, **extra):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed, *layout = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p, layout_block_q, layout_block_k = \
-        ctx.config
+    (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p, layout_block_q, layout_block_k,
+     deterministic) = ctx.config
     if dout is None:  # only the lse was used (the eager path does not materialise zero gradients)
         dout = torch.zeros_like(out)
     dq, dk, dv = backward_fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, key_padding_mask, alibi_slopes, seed, softmax_scale,
                              window_left, window_right, dropout_p, layout,
-                             layout_block_q, layout_block_k, **extra)
+                             layout_block_q, layout_block_k, deterministic, **extra)
     # Inputs after q, k, v get no gradient; the custom op wants the layout list's as a list of the same length.
     grads = [None] * (ctx.n_inputs - 3)
     if backward_fn is attention_bwd_op:
-        grads[-3] = [None] * len(layout)
+        grads[-4] = [None] * len(layout)
     return dq, dk, dv, *grads
 
 
@@ -1278,7 +1279,7 @@ class _EagerAttention(torch.autograd.Function):
 def run_attention(*inputs):
     """(out, lse) = run_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     key_padding_mask, query_padding_mask, alibi_slopes, seed, softmax_scale, window_left,
-    window_right, dropout_p, layout_tensors, layout_block_q, layout_block_k): the custom op under
+    window_right, dropout_p, layout_tensors, layout_block_q, layout_block_k, deterministic): the custom op under
     torch.compile, a plain autograd.Function eagerly. layout_tensors is [] for dense attention."""
     if torch.compiler.is_compiling():
         return attention_fwd_op(*inputs)
