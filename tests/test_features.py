@@ -474,16 +474,17 @@ def test_atomic_dq(mode, dropout_p, monkeypatch):
     q, k, v = _varlen_qkv(lens_q, lens_k, h, hk, d, dtype)
     check_varlen(q, k, v, lens_q, lens_k, causal=True, dropout_p=dropout_p, lse_grad=True)
 
-    # deterministic=True takes the dQ kernel whatever ATOMIC_DQ says
+    # deterministic=True computes dQ in the dQ kernel whatever ATOMIC_DQ says (else that kernel only computes delta)
     launched = []
     launch = kernels._launch
-    monkeypatch.setattr(kernels, "_launch", lambda kernel, *a, **kw: launched.append(kernel) or launch(kernel, *a, **kw))
+    monkeypatch.setattr(kernels, "_launch", lambda kernel, *a, **kw: launched.append(
+        (kernel.base_fn.__name__, kw.get("DELTA_ONLY"), kw.get("ATOMIC_DQ"))) or launch(kernel, *a, **kw))
     for deterministic in (True, False):
         launched.clear()
         out = hf_flash.flash_attn_func(q[None], k[None], v[None], dropout_p=0.2, deterministic=deterministic)
         torch.autograd.grad(out.sum(), (q, k, v))
-        uses_dq_kernel = kernels._attn_bwd_dq in launched
-        assert uses_dq_kernel == deterministic, (deterministic, [f.base_fn.__name__ for f in launched])
+        atomic = not deterministic
+        assert launched[1:] == [("_attn_bwd_dq", atomic, None), ("_attn_bwd_dkdv", None, atomic)], launched
 
 
 # --- determinism and recomputation ----------------------------------------------------------------

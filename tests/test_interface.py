@@ -283,8 +283,8 @@ def test_every_config_is_exact(index, head_dim, dtype, monkeypatch):
 @pytest.mark.parametrize("atomic_dq", ["0", "1"])
 def test_autotuner_times_every_config_on_the_gpu(atomic_dq, monkeypatch):
     """The search times each candidate from a CUDA graph (_time_config), in the forward and in the backward
-    (which autograd runs on its device thread), and the tuned kernels are exact; with ATOMIC_DQ, the tuning
-    runs' dQ sums are reset before the real launch."""
+    (which autograd runs on its device thread), and the tuned kernels are exact; with ATOMIC_DQ (the dQ kernel
+    then computes only delta), the tuning runs' dQ sums are reset before the real launch."""
     monkeypatch.setattr(kernels, "ATOMIC_DQ", atomic_dq)
     x = torch.randn(1 << 20, device="cuda")
     median, low, high = kernels._time_config(lambda: x.mul_(1.0), None)
@@ -297,8 +297,6 @@ def test_autotuner_times_every_config_on_the_gpu(atomic_dq, monkeypatch):
         monkeypatch.setattr(kernel, "cache", {})
         monkeypatch.setattr(kernel, "configs_timings", None, raising=False)
     check_against_reference(*_qkv(2, 3, 3, 517, 517, 64, torch.bfloat16), True)
-    if atomic_dq == "1":  # no dQ kernel
-        tuners = (kernels._attn_fwd, kernels._attn_bwd_dkdv)
     assert {key[0] for key in kernels._CHOSEN} == set(tuners)
     for kernel in tuners:
         timings = kernel.configs_timings

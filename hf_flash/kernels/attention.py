@@ -563,8 +563,9 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
 # Backward: two launches. First dQ (one program per query block), which also computes and stores
 # delta = rowsum(dO * O) - dLSE for its rows; then dK/dV (one program per key block, looping over the
 # query heads of its KV group, so no atomics), which reads delta. Each recomputes P (and the dropout
-# mask). With ATOMIC_DQ (experimental), delta comes from torch and the dK/dV kernel alone runs, adding
-# each key block's dS K into an fp32 dQ buffer with atomics, as FlashAttention-2 does (not deterministic).
+# mask). With ATOMIC_DQ (experimental), the dQ kernel only stores delta and zeroes an fp32 dQ buffer, and
+# the dK/dV kernel adds each key block's dS K into it with atomics, as FlashAttention-2 does (P and the
+# dropout mask are computed once; the sum's order, hence its rounding, varies: not deterministic).
 #
 # Query rows past seqlen_q load as q = 0, dO = 0, LSE = +inf, so their probabilities are exactly 0
 # and need no mask. Key rows past seqlen_k only touch dK/dV rows that are never stored, but in dQ
@@ -785,7 +786,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
     return dq
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE, do_bench=_time_config)
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY + ["DELTA_ONLY"], prune_configs_by=_PRUNE,
+                 do_bench=_time_config)
 @triton.jit
 def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE, ALIBI, SEED,
                  LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ORDER, MAJOR, ly_sb, ly_sh,
@@ -802,7 +804,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                  SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
-                 LAYOUT_BK: tl.constexpr, HAS_DLSE: tl.constexpr,
+                 LAYOUT_BK: tl.constexpr, HAS_DLSE: tl.constexpr, DELTA_ONLY: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m, off_bh = _tile(_n_tiles(SEQ_Q, BLOCK_M, SPARSE, LAYOUT_BQ), MAJOR, HAS_RIGHT, SPARSE)
     off_b = (off_bh // NHEADS).to(tl.int64)
@@ -834,6 +836,10 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
         delta -= tl.load(DLSE + lse_ptrs, mask=rows < seq_q, other=0.0)
     tl.store(Delta + lse_ptrs, delta, mask=rows < seq_q)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if DELTA_ONLY:  # ATOMIC_DQ: only delta, and zeros in the fp32 buffer the dK/dV kernel adds dQ into
+        tl.store(DQ + off_b * stride_dqb + (q_start + rows[:, None]) * stride_dqm + off_h * stride_dqh
+                 + offs_d[None, :] * stride_dqd, dq, mask=(rows[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM))
+        return
 
     diag = seq_k - seq_q
     kpm_base = KPM + off_b * stride_kpm
@@ -1142,21 +1148,19 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
     kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
     layout_kv, layout_q = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
     atomic = not deterministic and (ATOMIC_DQ == "1" or (ATOMIC_DQ == "dropout" and dropout_p > 0.0))
-    if atomic:  # one launch: dK/dV also adds each block's dQ into an fp32 buffer (the mask is drawn once)
-        delta = (dout.float() * out.float()).sum(-1)  # (batch, seq, heads) or (total, heads)
-        delta = (delta.t() if varlen else delta.transpose(1, 2)).contiguous()  # the layout of lse
-        if dlse is not None:
-            delta -= dlse
-        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    # dQ first, which also stores delta for the dK/dV kernel; with atomics only delta, and the dK/dV kernel
+    # adds each key block's dQ into an fp32 buffer that this launch zeroes (the dropout mask is then drawn once)
+    delta = torch.empty_like(lse)
+    if atomic:
+        dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32)
         dq_acc4, dq_accs = _as_4d(dq_acc, varlen)
-    else:  # dQ first, which also stores delta for the dK/dV kernel
-        delta = torch.empty_like(lse)
-        _launch(_attn_bwd_dq, _launch_rows(args["SEQ_Q"], layout_block_q), "BLOCK_M", batch * nheads,
-                Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse, Delta=delta, DQ=dq4,
-                **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
-                **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_),
-                **_strides("do", dos), **_strides("dq", dqs), **scales, **args)
+    else:
         dq_acc4, dq_accs = _no_buffer(q.device), (0, 0, 0, 0)
+    _launch(_attn_bwd_dq, _launch_rows(args["SEQ_Q"], layout_block_q), "BLOCK_M", batch * nheads,
+            Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse, Delta=delta,
+            DQ=dq_acc4 if atomic else dq4, **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
+            DELTA_ONLY=atomic, **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_),
+            **_strides("do", dos), **_strides("dq", dq_accs if atomic else dqs), **scales, **args)
     _launch(_attn_bwd_dkdv, _launch_rows(args["SEQ_K"], layout_block_k), "BLOCK_N", batch * nheads_kv,
             Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, DQ=dq_acc4, **kv_ptrs, **layout_q,
             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
