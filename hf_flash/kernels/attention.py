@@ -272,8 +272,8 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
     the keep test (kept values are still scaled by exactly 1 / (1 - p)). Every draw is uniform on 16 bits,
     so each flag is kept with probability exactly 1 - t / 65536; two draws that share a byte (keys 1, 7 or
     9 apart in one call) are correlated by ~0.2% (p = 0.1), through the 1/256 chance that the shared byte
-    decides. Sixteen draws per call instead of eight halve the Philox work per element, which is most of
-    dropout's cost (perf-notes.md). The tests are integer compares in place in the 32-bit word; an
+    decides. Sixteen draws per call instead of eight halve the Philox work per element, about half of what
+    dropout adds (the compare and the select per element remain; perf-notes.md). The tests are integer compares in place in the 32-bit word; an
     int-to-float conversion runs at a quarter of the ALU rate.
     """
     rows = rng_rows.to(tl.int64)
@@ -283,7 +283,8 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
     if BLOCK_N >= 64:
         groups = (start_n // 16 + tl.arange(0, BLOCK_N // 16)).to(tl.uint32)[None, :]
         w0, w1, w2, w3 = tl.philox(seed, groups, row_hi, row_lo, 0, 7)
-        keep = tl.join(tl.join(_word_keep(w0, t), _word_keep(w1, t)), tl.join(_word_keep(w2, t), _word_keep(w3, t)))
+        keep = tl.join(tl.join(_word_keep(w0, t), _word_keep(w1, t)),
+                       tl.join(_word_keep(w2, t), _word_keep(w3, t)))
         # (row, g // 4, g % 4, e, n % 2, w % 2, w // 2) -> key order (g // 4, w // 2, w % 2, n % 2, g % 4, e)
         keep = tl.permute(tl.reshape(keep, (BLOCK_M, BLOCK_N // 64, 4, 2, 2, 2, 2)), (0, 1, 6, 5, 4, 2, 3))
     else:  # part of a 64-key span: its call, and the words that hold this tile's keys
@@ -694,7 +695,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, 
             ly_col = (off_b * ly_sb + off_h * ly_sh) * tl.cdiv(SEQ_K, LAYOUT_BK) + start_n // LAYOUT_BK
             tile_col = TILE_IDX + (off_b * ly_sb + off_h * ly_sh) * n_q_blocks * tl.cdiv(SEQ_K, LAYOUT_BK) \
                 + start_n // LAYOUT_BK
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     dq_base, stride_dqm, stride_dqd, sm_scale,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      0, tl.load(LY_NUM + ly_col) * LAYOUT_BQ, offs_m, start_n, cols, offs_d, seq_q,
                                      seq_k, diag, qk_scale, win_left, win_right, key_kept, slope2, seed, rng_base,
@@ -703,7 +705,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, 
                                      True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
                                      HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
                                      True, HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK, ATOMIC_DQ)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     dq_base, stride_dqm, stride_dqd, sm_scale,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      0, tl.load(LY_FULL_NUM + ly_col) * LAYOUT_BQ, offs_m, start_n, cols, offs_d,
                                      seq_q, seq_k, diag, qk_scale, win_left, win_right, key_kept, slope2, seed,
@@ -713,28 +716,34 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, 
                                      True, False, False, LAYOUT_BQ, LAYOUT_BK, ATOMIC_DQ)
         else:
             if HAS_RIGHT:
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                         dq_base, stride_dqm, stride_dqd, sm_scale,
                                          stride_qm, stride_qd, stride_dom, stride_dod,
                                          lo, full_lo, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale,
                                          win_left, win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
                                          LY_IDX, TILE_IDX, 0, TILES, RULE,
                                          True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                                         HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET, False, False, False, 1, 1, ATOMIC_DQ)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
+                                         HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
+                                         False, False, False, 1, 1, ATOMIC_DQ)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     dq_base, stride_dqm, stride_dqd, sm_scale,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      full_lo, full_hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale,
                                      win_left, win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
                                      LY_IDX, TILE_IDX, 0, TILES, RULE,
                                      False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET, False, False, False, 1, 1, ATOMIC_DQ)
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
+                                     False, False, False, 1, 1, ATOMIC_DQ)
             if HAS_LEFT:
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                         dq_base, stride_dqm, stride_dqd, sm_scale,
                                          stride_qm, stride_qd, stride_dom, stride_dod,
                                          full_hi, hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale,
                                          win_left, win_right, key_kept, slope2, seed, rng_base, SEQ_K, dropout_p,
                                          LY_IDX, TILE_IDX, 0, TILES, RULE,
                                          True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
-                                         HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET, False, False, False, 1, 1, ATOMIC_DQ)
+                                         HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
+                                         False, False, False, 1, 1, ATOMIC_DQ)
 
     mask = (cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
     dk *= sm_scale
