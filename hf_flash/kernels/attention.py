@@ -30,6 +30,8 @@ AUTOTUNE = os.environ.get("HF_FLASH_AUTOTUNE", "1") not in ("", "0")
 # "dropout" summed by the dK/dV kernel with fp32 atomics when dropout is on (the keep mask is then drawn once
 # instead of twice, as in FlashAttention-2), "1" always.
 ATOMIC_DQ = os.environ.get("HF_FLASH_ATOMIC_DQ", "0")
+if ATOMIC_DQ not in ("0", "dropout", "1"):
+    raise ValueError(f"HF_FLASH_ATOMIC_DQ must be 0, dropout or 1, got {ATOMIC_DQ!r}")
 # The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors for testing. It is read at
 # import time because triton.jit chooses between compiling and interpreting when it decorates.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
