@@ -354,15 +354,17 @@ def test_dropout_mask_statistics(dropout_p):
         assert abs(both - m * q ** 2) <= 5 * std, f"keys {dk} / rows {dq} apart are correlated"
 
 
-@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 32), (16, 64), (64, 128)])
-def test_dropout_mask_same_for_every_tile_size(block_m, block_n):
-    """The forward and backward kernels use different tiles; each must draw the same mask."""
-    shape = (2, 3, 70, 200)
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows-keys", "keys-rows"])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 32), (16, 64), (64, 128), (32, 256)])
+def test_dropout_mask_same_for_every_tile_size(block_m, block_n, transposed):
+    """The forward and backward kernels use different tiles, and the dK/dV kernel draws them transposed
+    (_dropout_keep_t, packed words through shared memory from 64 keys on); each must draw the same mask."""
+    shape = (2, 3, 70, 300)
     seed = kernels.draw_dropout_seed(torch.device(DEVICE))
     ref = kernels.dropout_mask(seed, *shape, 0.3)
     out = torch.empty(shape, device=DEVICE, dtype=torch.int8)
     kernels._dropout_mask_kernel[(triton.cdiv(shape[2], block_m) * shape[0] * shape[1],)](
-        seed, out, shape[2], shape[3], 0.3, BLOCK_M=block_m, BLOCK_N=block_n)
+        seed, out, shape[2], shape[3], 0.3, BLOCK_M=block_m, BLOCK_N=block_n, TRANSPOSED=transposed)
     assert torch.equal(out.bool(), ref)
 
 

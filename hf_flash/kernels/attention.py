@@ -304,6 +304,59 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
+def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    INTERPRET: tl.constexpr):
+    """_dropout_keep's flags as (BLOCK_N keys, BLOCK_M rows), for the dK/dV kernel's transposed tiles.
+
+    There a thread holds keys r and r + 8 of its warp's 16, so the 16 draws of one Philox call (spread over 64
+    keys) belong to four warps: the flags must cross threads through shared memory. Moving them one by one
+    (tl.trans of _dropout_keep) took a round trip per join, and made dropout cost the backward several times
+    what it costs the forward. Here the thread that makes a call packs its 16 flags into one int32, only those
+    words cross threads (BLOCK_N / 16 per row), and each thread picks its elements' bits from them.
+    """
+    if BLOCK_N < 64:
+        return tl.trans(_dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N))
+    rows = rng_rows.to(tl.int64)
+    row_hi, row_lo = (rows >> 32).to(tl.uint32)[:, None], rows.to(tl.uint32)[:, None]
+    t = tl.minimum(tl.math.ceil(dropout_p * 65536.0), 65535.0).to(tl.uint32)
+    groups = (start_n // 16 + tl.arange(0, BLOCK_N // 16)).to(tl.uint32)[None, :]
+    w0, w1, w2, w3 = tl.philox(seed, groups, row_hi, row_lo, 0, 7)
+    # bit 4 * w + j holds draw j of word w (j = 2 * h + e, as in _word_keep)
+    bits = _word_bits(w0, t) | (_word_bits(w1, t) << 4) | (_word_bits(w2, t) << 8) | (_word_bits(w3, t) << 12)
+    # key k of the tile is in call g = 4 * (k // 64) + (k % 8) // 2: keys in the order (g // 4, (k % 64) // 8, g % 4, e)
+    bits = tl.reshape(tl.trans(_no_remat(bits, INTERPRET)), (BLOCK_N // 64, 1, 4, 1, BLOCK_M))
+    bits = tl.reshape(tl.broadcast_to(bits, (BLOCK_N // 64, 8, 4, 2, BLOCK_M)), (BLOCK_N, BLOCK_M))
+    k = tl.arange(0, BLOCK_N)
+    bit = 4 * ((k % 64) // 16) + 2 * ((k // 8) % 2) + k % 2  # w = (k % 64) // 16, h = (k // 8) % 2, e = k % 2
+    return ((bits >> bit[:, None]) & 1) != 0
+
+
+@triton.jit
+def _no_remat(x, INTERPRET: tl.constexpr):
+    """x through an asm move the compiler may not duplicate (it is not marked pure).
+
+    Without it Triton's layout pass gives the packed words the layout their consumers want, replicated across
+    the eight threads that read each word, and so recomputes every Philox call eight times; with it the words
+    are made once and cross threads through shared memory (one small round trip per tile).
+    """
+    if INTERPRET:
+        return x
+    else:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _word_bits(word, t):
+    """_word_keep's four flags as bits 0-3 of an int32 (bit j = draw j)."""
+    word = word.to(tl.uint32, bitcast=True)
+    d0 = ((word & 0xFFFF) >= t).to(tl.int32)
+    d1 = ((word & 0xFFFFFF) >= (t << 8)).to(tl.int32)
+    d2 = (word >= (t << 16)).to(tl.int32)
+    d3 = ((((word << 8) | (word >> 24)) & 0xFFFF) >= t).to(tl.int32)
+    return d0 | (d1 << 1) | (d2 << 2) | (d3 << 3)
+
+
+@triton.jit
 def _word_keep(word, t):
     """Keep flags of a Philox word's four 16-bit draws, shape (..., 2, 2): [..., e, h] is draw j = 2 * h + e,
     whose high byte is byte j + 1 mod 4 of the word and low byte byte j."""
@@ -613,7 +666,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         dp_t = tl.dot(_mm(v, INTERPRET), _mm(tl.trans(do), INTERPRET), input_precision=PRECISION)
         if DROPOUT:
             # dV sums the kept P unscaled (the caller scales dV by 1 / (1 - p) once); dP's scale rides the FMA below.
-            kept = tl.trans(_dropout_keep(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0]))
+            kept = _dropout_keep_t(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0], INTERPRET)
             p_drop_t = tl.where(kept, p_t, 0.0)
             dp_t = tl.where(kept, dp_t, 0.0) * inv_keep
         else:
@@ -898,16 +951,23 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
 
 
 @triton.jit
-def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         TRANSPOSED: tl.constexpr = False, INTERPRET: tl.constexpr = INTERPRET):
+    """The keep mask as int8 (batch * heads * SEQ_Q, SEQ_K); TRANSPOSED draws it as the dK/dV kernel does."""
     start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), SEED, False, False)  # dense order (MAJOR unread)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rng_rows = off_bh.to(tl.int64) * SEQ_Q + rows  # as in the attention kernels
     seed = tl.load(SEED)
     for start_n in range(0, SEQ_K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
-        tl.store(OUT + rng_rows[:, None] * SEQ_K + cols[None, :], keep.to(tl.int8),
-                 mask=(rows[:, None] < SEQ_Q) & (cols[None, :] < SEQ_K))
+        if TRANSPOSED:
+            keep_t = _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N, INTERPRET)
+            tl.store(OUT + rng_rows[None, :] * SEQ_K + cols[:, None], keep_t.to(tl.int8),
+                     mask=(rows[None, :] < SEQ_Q) & (cols[:, None] < SEQ_K))
+        else:
+            keep = _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
+            tl.store(OUT + rng_rows[:, None] * SEQ_K + cols[None, :], keep.to(tl.int8),
+                     mask=(rows[:, None] < SEQ_Q) & (cols[None, :] < SEQ_K))
 
 
 # --------------------------------------------------------------------------------------------
