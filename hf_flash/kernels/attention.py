@@ -314,21 +314,23 @@ def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, B
     what it costs the forward. Here the thread that makes a call packs its 16 flags into one int32, only those
     words cross threads (BLOCK_N / 16 per row), and each thread picks its elements' bits from them.
     """
-    if BLOCK_N < 64:
-        return tl.trans(_dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N))
-    rows = rng_rows.to(tl.int64)
-    row_hi, row_lo = (rows >> 32).to(tl.uint32)[:, None], rows.to(tl.uint32)[:, None]
-    t = tl.minimum(tl.math.ceil(dropout_p * 65536.0), 65535.0).to(tl.uint32)
-    groups = (start_n // 16 + tl.arange(0, BLOCK_N // 16)).to(tl.uint32)[None, :]
-    w0, w1, w2, w3 = tl.philox(seed, groups, row_hi, row_lo, 0, 7)
-    # bit 4 * w + j holds draw j of word w (j = 2 * h + e, as in _word_keep)
-    bits = _word_bits(w0, t) | (_word_bits(w1, t) << 4) | (_word_bits(w2, t) << 8) | (_word_bits(w3, t) << 12)
-    # key k of the tile is in call g = 4 * (k // 64) + (k % 8) // 2: keys in the order (g // 4, (k % 64) // 8, g % 4, e)
-    bits = tl.reshape(tl.trans(_no_remat(bits, INTERPRET)), (BLOCK_N // 64, 1, 4, 1, BLOCK_M))
-    bits = tl.reshape(tl.broadcast_to(bits, (BLOCK_N // 64, 8, 4, 2, BLOCK_M)), (BLOCK_N, BLOCK_M))
-    k = tl.arange(0, BLOCK_N)
-    bit = 4 * ((k % 64) // 16) + 2 * ((k // 8) % 2) + k % 2  # w = (k % 64) // 16, h = (k // 8) % 2, e = k % 2
-    return ((bits >> bit[:, None]) & 1) != 0
+    if BLOCK_N < 64:  # (if / else, not an early return: the compiler would still build the 64-key path)
+        keep_t = tl.trans(_dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N))
+    else:
+        rows = rng_rows.to(tl.int64)
+        row_hi, row_lo = (rows >> 32).to(tl.uint32)[:, None], rows.to(tl.uint32)[:, None]
+        t = tl.minimum(tl.math.ceil(dropout_p * 65536.0), 65535.0).to(tl.uint32)
+        groups = (start_n // 16 + tl.arange(0, BLOCK_N // 16)).to(tl.uint32)[None, :]
+        w0, w1, w2, w3 = tl.philox(seed, groups, row_hi, row_lo, 0, 7)
+        # bit 4 * w + j holds draw j of word w (j = 2 * h + e, as in _word_keep)
+        bits = _word_bits(w0, t) | (_word_bits(w1, t) << 4) | (_word_bits(w2, t) << 8) | (_word_bits(w3, t) << 12)
+        # key k is in call g = 4 * (k // 64) + (k % 8) // 2: keys in the order (g // 4, (k % 64) // 8, g % 4, e)
+        bits = tl.reshape(tl.trans(_no_remat(bits, INTERPRET)), (BLOCK_N // 64, 1, 4, 1, BLOCK_M))
+        bits = tl.reshape(tl.broadcast_to(bits, (BLOCK_N // 64, 8, 4, 2, BLOCK_M)), (BLOCK_N, BLOCK_M))
+        k = tl.arange(0, BLOCK_N)
+        bit = 4 * ((k % 64) // 16) + 2 * ((k // 8) % 2) + k % 2  # w = (k % 64) // 16, h = (k // 8) % 2, e = k % 2
+        keep_t = ((bits >> bit[:, None]) & 1) != 0
+    return keep_t
 
 
 @triton.jit
