@@ -304,17 +304,21 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
-def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """_dropout_keep's flags as (BLOCK_N keys, BLOCK_M rows), for the dK/dV kernel's transposed tiles.
 
     There a thread holds keys r and r + 8 of its warp's 16, so the 16 draws of one Philox call (spread over 64
     keys) belong to four warps: the flags must cross threads through shared memory. Moving them one by one
     (tl.trans of _dropout_keep) took a round trip per join, and made dropout cost the backward several times
     what it costs the forward. Here the thread that makes a call packs its 16 flags into one int32, only those
-    words cross threads (BLOCK_N / 16 per row), and each thread picks its elements' bits from them.
+    words cross threads (BLOCK_N / 16 per row, by tl.gather), and each thread picks its elements' bits from them.
+    A gather's source keeps its own layout whatever its reader wants; a plain broadcast let Triton give the words
+    the readers' layout, replicated 8x, and recompute every Philox call eight times (and Triton 3.6 did the same
+    through an asm move not marked pure: the backward went from +100% to +180% for dropout on the H200).
     """
-    if BLOCK_N < 64:  # (if / else, not an early return: the compiler would still build the 64-key path)
+    # Small tiles flip the flags one by one: Triton 3.6 fails to compile a gather from fewer words than threads
+    # (BLOCK_N / 16 * BLOCK_M < 32 * num_warps). if / else, not an early return: the compiler builds both paths.
+    if BLOCK_N < 64 or (BLOCK_N // 16) * BLOCK_M < 256:
         keep_t = tl.trans(_dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N))
     else:
         rows = rng_rows.to(tl.int64)
@@ -325,26 +329,12 @@ def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, B
         # bit 4 * w + j holds draw j of word w (j = 2 * h + e, as in _word_keep)
         bits = _word_bits(w0, t) | (_word_bits(w1, t) << 4) | (_word_bits(w2, t) << 8) | (_word_bits(w3, t) << 12)
         # key k is in call g = 4 * (k // 64) + (k % 8) // 2: keys in the order (g // 4, (k % 64) // 8, g % 4, e)
-        bits = tl.reshape(tl.trans(_no_remat(bits, INTERPRET)), (BLOCK_N // 64, 1, 4, 1, BLOCK_M))
-        bits = tl.reshape(tl.broadcast_to(bits, (BLOCK_N // 64, 8, 4, 2, BLOCK_M)), (BLOCK_N, BLOCK_M))
         k = tl.arange(0, BLOCK_N)
+        call = tl.broadcast_to((4 * (k // 64) + (k % 8) // 2)[:, None], (BLOCK_N, BLOCK_M))
+        bits = tl.gather(tl.trans(bits), call, 0)
         bit = 4 * ((k % 64) // 16) + 2 * ((k // 8) % 2) + k % 2  # w = (k % 64) // 16, h = (k // 8) % 2, e = k % 2
         keep_t = ((bits >> bit[:, None]) & 1) != 0
     return keep_t
-
-
-@triton.jit
-def _no_remat(x, INTERPRET: tl.constexpr):
-    """x through an asm move the compiler may not duplicate (it is not marked pure).
-
-    Without it Triton's layout pass gives the packed words the layout their consumers want, replicated across
-    the eight threads that read each word, and so recomputes every Philox call eight times; with it the words
-    are made once and cross threads through shared memory (one small round trip per tile).
-    """
-    if INTERPRET:
-        return x
-    else:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -668,7 +658,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         dp_t = tl.dot(_mm(v, INTERPRET), _mm(tl.trans(do), INTERPRET), input_precision=PRECISION)
         if DROPOUT:
             # dV sums the kept P unscaled (the caller scales dV by 1 / (1 - p) once); dP's scale rides the FMA below.
-            kept = _dropout_keep_t(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0], INTERPRET)
+            kept = _dropout_keep_t(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0])
             p_drop_t = tl.where(kept, p_t, 0.0)
             dp_t = tl.where(kept, dp_t, 0.0) * inv_keep
         else:
@@ -954,7 +944,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
 
 @triton.jit
 def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         TRANSPOSED: tl.constexpr = False, INTERPRET: tl.constexpr = INTERPRET):
+                         TRANSPOSED: tl.constexpr = False):
     """The keep mask as int8 (batch * heads * SEQ_Q, SEQ_K); TRANSPOSED draws it as the dK/dV kernel does."""
     start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), SEED, False, False)  # dense order (MAJOR unread)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -963,7 +953,7 @@ def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constex
     for start_n in range(0, SEQ_K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         if TRANSPOSED:
-            keep_t = _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N, INTERPRET)
+            keep_t = _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
             tl.store(OUT + rng_rows[None, :] * SEQ_K + cols[:, None], keep_t.to(tl.int8),
                      mask=(rows[None, :] < SEQ_Q) & (cols[:, None] < SEQ_K))
         else:
