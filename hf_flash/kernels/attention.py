@@ -275,8 +275,8 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
     so each flag is kept with probability exactly 1 - t / 65536; two draws that share a byte (keys 1, 7 or
     9 apart in one call) are correlated by ~0.2% (p = 0.1), through the 1/256 chance that the shared byte
     decides. Sixteen draws per call instead of eight halve the Philox work per element, about half of what
-    dropout adds (the compare and the select per element remain; perf-notes.md). The tests are integer compares in place in the 32-bit word; an
-    int-to-float conversion runs at a quarter of the ALU rate.
+    dropout adds (the compare and the select per element remain; perf-notes.md). The tests are integer compares
+    in place in the 32-bit word; an int-to-float conversion runs at a quarter of the ALU rate.
     """
     rows = rng_rows.to(tl.int64)
     row_hi, row_lo = (rows >> 32).to(tl.uint32)[:, None], rows.to(tl.uint32)[:, None]
