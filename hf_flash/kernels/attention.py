@@ -330,8 +330,12 @@ def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, B
         bits = _word_bits(w0, t) | (_word_bits(w1, t) << 4) | (_word_bits(w2, t) << 8) | (_word_bits(w3, t) << 12)
         # key k is in call g = 4 * (k // 64) + (k % 8) // 2: keys in the order (g // 4, (k % 64) // 8, g % 4, e)
         k = tl.arange(0, BLOCK_N)
-        call = tl.broadcast_to((4 * (k // 64) + (k % 8) // 2)[:, None], (BLOCK_N, BLOCK_M))
-        bits = tl.gather(tl.trans(bits), call, 0)
+        # keys k and k + 8 share a call and are held by one thread: gather for k // 8 even, then broadcast
+        half = tl.arange(0, BLOCK_N // 2)
+        k_even = 16 * (half // 8) + half % 8
+        call = tl.broadcast_to((4 * (k_even // 64) + (k_even % 8) // 2)[:, None], (BLOCK_N // 2, BLOCK_M))
+        bits = tl.reshape(tl.gather(tl.trans(bits), call, 0), (BLOCK_N // 16, 1, 8, BLOCK_M))
+        bits = tl.reshape(tl.broadcast_to(bits, (BLOCK_N // 16, 2, 8, BLOCK_M)), (BLOCK_N, BLOCK_M))
         bit = 4 * ((k % 64) // 16) + 2 * ((k // 8) % 2) + k % 2  # w = (k % 64) // 16, h = (k // 8) % 2, e = k % 2
         keep_t = ((bits >> bit[:, None]) & 1) != 0
     return keep_t
