@@ -304,7 +304,8 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
-def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    INTERPRET: tl.constexpr):
     """_dropout_keep's flags as (BLOCK_N keys, BLOCK_M rows), for the dK/dV kernel's transposed tiles.
 
     There a thread holds keys r and r + 8 of its warp's 16, so the 16 draws of one Philox call (spread over 64
@@ -326,19 +327,33 @@ def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, B
         t = tl.minimum(tl.math.ceil(dropout_p * 65536.0), 65535.0).to(tl.uint32)
         groups = (start_n // 16 + tl.arange(0, BLOCK_N // 16)).to(tl.uint32)[None, :]
         w0, w1, w2, w3 = tl.philox(seed, groups, row_hi, row_lo, 0, 7)
-        # bit 4 * w + j holds draw j of word w (j = 2 * h + e, as in _word_keep)
-        bits = _word_bits(w0, t) | (_word_bits(w1, t) << 4) | (_word_bits(w2, t) << 8) | (_word_bits(w3, t) << 12)
-        # key k is in call g = 4 * (k // 64) + (k % 8) // 2: keys in the order (g // 4, (k % 64) // 8, g % 4, e)
-        k = tl.arange(0, BLOCK_N)
-        # keys k and k + 8 share a call and are held by one thread: gather for k // 8 even, then broadcast
+        # the call's words as columns 4 * g + 2 * (w % 2) + w // 2 of one (rows, BLOCK_N / 4) tensor
+        words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (BLOCK_M, BLOCK_N // 4))
+        # key k: call g = 4 * (k // 64) + (k % 8) // 2, word w = (k % 64) // 16, draw j = 2 * ((k // 8) % 2) + k % 2.
+        # Keys k and k + 8 share g and w and one thread holds both: gather for k // 8 even, then broadcast.
         half = tl.arange(0, BLOCK_N // 2)
         k_even = 16 * (half // 8) + half % 8
-        call = tl.broadcast_to((4 * (k_even // 64) + (k_even % 8) // 2)[:, None], (BLOCK_N // 2, BLOCK_M))
-        bits = tl.reshape(tl.gather(tl.trans(bits), call, 0), (BLOCK_N // 16, 1, 8, BLOCK_M))
-        bits = tl.reshape(tl.broadcast_to(bits, (BLOCK_N // 16, 2, 8, BLOCK_M)), (BLOCK_N, BLOCK_M))
-        bit = 4 * ((k % 64) // 16) + 2 * ((k // 8) % 2) + k % 2  # w = (k % 64) // 16, h = (k // 8) % 2, e = k % 2
-        keep_t = ((bits >> bit[:, None]) & 1) != 0
+        w = (k_even % 64) // 16
+        col = 4 * (4 * (k_even // 64) + (k_even % 8) // 2) + 2 * (w % 2) + w // 2
+        word = tl.gather(tl.trans(words), tl.broadcast_to(col[:, None], (BLOCK_N // 2, BLOCK_M)), 0)
+        word = tl.reshape(tl.broadcast_to(tl.reshape(word, (BLOCK_N // 16, 1, 8, BLOCK_M)), (BLOCK_N // 16, 2, 8, BLOCK_M)),
+                          (BLOCK_N, BLOCK_M))
+        k = tl.arange(0, BLOCK_N)
+        j = (2 * ((k // 8) % 2) + k % 2)[:, None]
+        keep_t = _draw16(word, j, INTERPRET) >= t
     return keep_t
+
+
+@triton.jit
+def _draw16(word, j, INTERPRET: tl.constexpr):
+    """Draw j of a Philox word (_word_keep): its bytes j (low) and j + 1 mod 4 (high), as a 16-bit value."""
+    if INTERPRET:
+        wide = word.to(tl.uint64) | (word.to(tl.uint64) << 32)
+        return ((wide >> (8 * j).to(tl.uint64)) & 0xFFFF).to(tl.uint32)
+    else:  # one byte permute: bytes j and (j + 1) % 4 of the word, then two zero bytes (byte 4 of the 0 operand)
+        sel = (j | (((j + 1) % 4) << 4) | 0x4400).to(tl.uint32)
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r", [word.to(tl.uint32), sel],
+                                         dtype=tl.uint32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -662,7 +677,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         dp_t = tl.dot(_mm(v, INTERPRET), _mm(tl.trans(do), INTERPRET), input_precision=PRECISION)
         if DROPOUT:
             # dV sums the kept P unscaled (the caller scales dV by 1 / (1 - p) once); dP's scale rides the FMA below.
-            kept = _dropout_keep_t(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0])
+            kept = _dropout_keep_t(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0], INTERPRET)
             p_drop_t = tl.where(kept, p_t, 0.0)
             dp_t = tl.where(kept, dp_t, 0.0) * inv_keep
         else:
@@ -948,7 +963,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
 
 @triton.jit
 def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         TRANSPOSED: tl.constexpr = False):
+                         TRANSPOSED: tl.constexpr = False, INTERPRET: tl.constexpr = INTERPRET):
     """The keep mask as int8 (batch * heads * SEQ_Q, SEQ_K); TRANSPOSED draws it as the dK/dV kernel does."""
     start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), SEED, False, False)  # dense order (MAJOR unread)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -957,7 +972,7 @@ def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constex
     for start_n in range(0, SEQ_K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         if TRANSPOSED:
-            keep_t = _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
+            keep_t = _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N, INTERPRET)
             tl.store(OUT + rng_rows[None, :] * SEQ_K + cols[:, None], keep_t.to(tl.int8),
                      mask=(rows[None, :] < SEQ_Q) & (cols[:, None] < SEQ_K))
         else:
