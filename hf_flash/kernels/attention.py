@@ -309,13 +309,13 @@ def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, B
     """_dropout_keep's flags as (BLOCK_N keys, BLOCK_M rows), for the dK/dV kernel's transposed tiles.
 
     There a thread holds keys r and r + 8 of its warp's 16, so the 16 draws of one Philox call (spread over 64
-    keys) belong to four warps: the flags must cross threads through shared memory. Moving them one by one
-    (tl.trans of _dropout_keep) took a round trip per join, and made dropout cost the backward several times
-    what it costs the forward. Here the thread that makes a call packs its 16 flags into one int32, only those
-    words cross threads (BLOCK_N / 16 per row, by tl.gather), and each thread picks its elements' bits from them.
-    A gather's source keeps its own layout whatever its reader wants; a plain broadcast let Triton give the words
-    the readers' layout, replicated 8x, and recompute every Philox call eight times (and Triton 3.6 did the same
-    through an asm move not marked pure: the backward went from +100% to +180% for dropout on the H200).
+    keys) belong to four warps: something must cross threads through shared memory. Moving the flags one by one
+    (tl.trans of _dropout_keep) took a round trip per join and made dropout cost the backward several times what
+    it costs the forward. Here the raw Philox words cross instead, by tl.gather: per query a thread fetches the one
+    word that serves both its keys k and k + 8, and takes each element's draw with a byte permute (_draw16).
+    A gather's source keeps its own layout whatever its reader wants. Through a plain broadcast Triton gave the
+    words the readers' layout, replicated 8x, and recomputed every Philox call eight times (Triton 3.6 did so
+    even through an asm move not marked pure: dropout then cost the H200 backward +180% instead of +100%).
     """
     # Small tiles flip the flags one by one: Triton 3.6 fails to compile a gather from fewer words than threads
     # (BLOCK_N / 16 * BLOCK_M < 32 * num_warps). if / else, not an early return: the compiler builds both paths.
@@ -336,8 +336,8 @@ def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, B
         w = (k_even % 64) // 16
         col = 4 * (4 * (k_even // 64) + (k_even % 8) // 2) + 2 * (w % 2) + w // 2
         word = tl.gather(tl.trans(words), tl.broadcast_to(col[:, None], (BLOCK_N // 2, BLOCK_M)), 0)
-        word = tl.reshape(tl.broadcast_to(tl.reshape(word, (BLOCK_N // 16, 1, 8, BLOCK_M)), (BLOCK_N // 16, 2, 8, BLOCK_M)),
-                          (BLOCK_N, BLOCK_M))
+        word = tl.broadcast_to(tl.reshape(word, (BLOCK_N // 16, 1, 8, BLOCK_M)), (BLOCK_N // 16, 2, 8, BLOCK_M))
+        word = tl.reshape(word, (BLOCK_N, BLOCK_M))
         k = tl.arange(0, BLOCK_N)
         j = (2 * ((k // 8) % 2) + k % 2)[:, None]
         keep_t = _draw16(word, j, INTERPRET) >= t
@@ -354,17 +354,6 @@ def _draw16(word, j, INTERPRET: tl.constexpr):
         sel = (j | (((j + 1) % 4) << 4) | 0x4400).to(tl.uint32)
         return tl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r", [word.to(tl.uint32), sel],
                                          dtype=tl.uint32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _word_bits(word, t):
-    """_word_keep's four flags as bits 0-3 of an int32 (bit j = draw j)."""
-    word = word.to(tl.uint32, bitcast=True)
-    d0 = ((word & 0xFFFF) >= t).to(tl.int32)
-    d1 = ((word & 0xFFFFFF) >= (t << 8)).to(tl.int32)
-    d2 = (word >= (t << 16)).to(tl.int32)
-    d3 = ((((word << 8) | (word >> 24)) & 0xFFFF) >= t).to(tl.int32)
-    return d0 | (d1 << 1) | (d2 << 2) | (d3 << 3)
 
 
 @triton.jit
