@@ -92,15 +92,18 @@ def main():
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--dropout", type=int, nargs="+", choices=(0, 1), default=[0, 1])
+    p.add_argument("--const", nargs="*", default=[], metavar="NAME=INT",
+                   help="other constexprs, e.g. HAS_RIGHT=1 IS_VARLEN=1 (ignored by kernels without them)")
     args = p.parse_args()
+    extra = {name: int(value) for name, value in (c.split("=") for c in args.const)}
     block_m, block_n = map(int, args.tile.split("x"))
     for name in args.kernel:
         kernel = KERNELS[name]
         for dropout in args.dropout:
             consts = {**BASE, "HEAD_DIM": args.headdim, "BLOCK_D": triton.next_power_of_2(args.headdim),
-                      "DROPOUT": bool(dropout), "BLOCK_M": block_m, "BLOCK_N": block_n}
+                      "DROPOUT": bool(dropout), "BLOCK_M": block_m, "BLOCK_N": block_n, **extra}
             sass, smem = compile_sass(kernel, consts, args.warps, args.stages)
-            print(f"{name} {args.tile} w{args.warps} s{args.stages} d{args.headdim} dropout={dropout}, "
+            print(f"{name} {args.tile} w{args.warps} s{args.stages} d{args.headdim} dropout={dropout} {extra or ''}, "
                   f"shared {smem} B, kernel {summary([op for _, op, _ in sass])}")
             for addr, op, rest in sass:  # loop bodies: a branch back to an earlier address
                 target = re.search(r"0x([0-9a-f]+)", rest)
