@@ -1,6 +1,7 @@
 """Static view of the kernels without a GPU: compile for sm_90 on this machine and count SASS instructions.
 
-Counts are per kernel and per loop body (the instructions between a backward branch and its target), by opcode.
+Prints the resource report (registers, stack and local memory per thread, shared memory per block) and
+counts per kernel and per loop body (the instructions between a backward branch and its target), by opcode.
 Static counts only rank variants; every speed claim still needs a GPU run. The GPU's Triton compiles differently
 from a newer local one (layouts, rematerialisation), so install its version apart and put it first on the path:
 
@@ -76,7 +77,11 @@ def compile_sass(kernel, consts, warps, stages):
         f.write(compiled.asm["cubin"])
         f.flush()
         sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    return [(int(a, 16), op, rest) for a, op, rest in SASS_LINE.findall(sass)], compiled.metadata.shared
+        usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    resources = " ".join(re.findall(r"(REG:\d+|STACK:\d+|LOCAL:\d+)", usage))  # registers, spill space per thread
+    sass = [(int(a, 16), op, rest) for a, op, rest in SASS_LINE.findall(sass)]
+    return sass, f"{resources} SHARED:{compiled.metadata.shared}"
 
 
 def summary(ops, top=14):
@@ -102,9 +107,9 @@ def main():
         for dropout in args.dropout:
             consts = {**BASE, "HEAD_DIM": args.headdim, "BLOCK_D": triton.next_power_of_2(args.headdim),
                       "DROPOUT": bool(dropout), "BLOCK_M": block_m, "BLOCK_N": block_n, **extra}
-            sass, smem = compile_sass(kernel, consts, args.warps, args.stages)
+            sass, resources = compile_sass(kernel, consts, args.warps, args.stages)
             print(f"{name} {args.tile} w{args.warps} s{args.stages} d{args.headdim} dropout={dropout} {extra or ''}, "
-                  f"shared {smem} B, kernel {summary([op for _, op, _ in sass])}")
+                  f"{resources}, kernel {summary([op for _, op, _ in sass])}")
             for addr, op, rest in sass:  # loop bodies: a branch back to an earlier address
                 target = re.search(r"0x([0-9a-f]+)", rest)
                 if op.startswith("BRA") and target and int(target.group(1), 16) < addr:
