@@ -71,9 +71,13 @@ def _prune(configs, named_args, **kwargs):
 _FWD_CONFIGS = _configs([
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
 ])
-_BWD_DKDV_CONFIGS = _configs([  # BLOCK_M walks queries, BLOCK_N is the resident K/V tile
+_BWD_DKDV_TILES = [  # BLOCK_M walks queries, BLOCK_N is the resident K/V tile
     (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 2), (32, 32, 8, 2),
-])
+]
+# _dropout_keep_t gathers Philox words from 64 keys and 128 words on (BLOCK_N / 16 * BLOCK_M); Triton 3.6 cannot
+# compile a gather from fewer words than the block has threads, so such a tile must not gather.
+assert all(n < 64 or n // 16 * m < 128 or n // 16 * m >= 32 * w for m, n, w, _ in _BWD_DKDV_TILES)
+_BWD_DKDV_CONFIGS = _configs(_BWD_DKDV_TILES)
 _BWD_DQ_CONFIGS = _configs([  # BLOCK_M is the resident Q tile, BLOCK_N walks keys
     (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 2), (32, 32, 8, 2),
 ])
@@ -317,9 +321,9 @@ def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, B
     words the readers' layout, replicated 8x, and recomputed every Philox call eight times (Triton 3.6 did so
     even through an asm move not marked pure: dropout then cost the H200 backward +180% instead of +100%).
     """
-    # Small tiles flip the flags one by one: Triton 3.6 fails to compile a gather from fewer words than threads
-    # (BLOCK_N / 16 * BLOCK_M < 32 * num_warps). if / else, not an early return: the compiler builds both paths.
-    if BLOCK_N < 64 or (BLOCK_N // 16) * BLOCK_M < 256:
+    # Small tiles flip the flags one by one (see _BWD_DKDV_TILES: a gather needs as many words as threads).
+    # if / else, not an early return: the compiler builds both paths.
+    if BLOCK_N < 64 or (BLOCK_N // 16) * BLOCK_M < 128:
         keep_t = tl.trans(_dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N))
     else:
         rows = rng_rows.to(tl.int64)
