@@ -37,9 +37,10 @@ BASE = dict(IS_VARLEN=False, HAS_LEFT=False, HAS_RIGHT=False, HAS_KPM=False, HAS
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);")
 
 
-def signature(kernel, atomic_dq):
+def signature(kernel, consts):
     """Argument types as the JIT would specialise them for contiguous fp16 tensors of round sizes: pointers and
-    integers divisible by 16 (which lets Triton use async copies), head-dim strides equal to 1 (constexpr)."""
+    integers divisible by 16 (which lets Triton use async copies), head-dim strides equal to 1 (constexpr).
+    A DQ pointer is an fp32 buffer where dQ is summed in fp32 (dK/dV kernel, DELTA_ONLY dQ launch)."""
     fn = kernel.fn
     constexprs = {fn.arg_names[i] for i in fn.constexprs}
     sig, ones, attrs = {}, {}, {}
@@ -50,7 +51,7 @@ def signature(kernel, atomic_dq):
             sig[name], ones[name] = "constexpr", 1
         elif name in INT32_PTRS:
             sig[name] = "*i32"
-        elif name in FP32_PTRS or (name == "DQ" and kernel is KERNELS["dkdv"]) or (name == "DQ" and atomic_dq):
+        elif name in FP32_PTRS or (name == "DQ" and (kernel is KERNELS["dkdv"] or consts.get("DELTA_ONLY"))):
             sig[name] = "*fp32"
         elif name == "SEED":
             sig[name] = "*i64"
@@ -68,7 +69,7 @@ def signature(kernel, atomic_dq):
 
 
 def compile_sass(kernel, consts, warps, stages):
-    sig, constexprs, ones, attrs = signature(kernel, consts.get("ATOMIC_DQ", False))
+    sig, constexprs, ones, attrs = signature(kernel, consts)
     src = ASTSource(kernel.fn, signature=sig, attrs=attrs,
                     constexprs={**{k: v for k, v in consts.items() if k in constexprs}, **ones})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
