@@ -101,8 +101,12 @@ def main():
     p.add_argument("--const", nargs="*", default=[], metavar="NAME=INT",
                    help="other constexprs, e.g. HAS_RIGHT=1 IS_VARLEN=1 (ignored by kernels without them)")
     args = p.parse_args()
-    extra = {name: int(value) for name, value in (c.split("=") for c in args.const)}
+    if not re.fullmatch(r"\d+x\d+", args.tile):
+        p.error(f"--tile must be BLOCK_MxBLOCK_N, e.g. 64x128, got {args.tile!r}")
+    if any(not re.fullmatch(r"[A-Z_]+=-?\d+", c) for c in args.const):
+        p.error(f"--const takes NAME=INT items, got {args.const}")
     block_m, block_n = map(int, args.tile.split("x"))
+    extra = {name: int(value) for name, value in (c.split("=") for c in args.const)}
     for name in args.kernel:
         kernel = KERNELS[name]
         for dropout in args.dropout:
