@@ -476,16 +476,21 @@ def test_atomic_dq(mode, dropout_p, monkeypatch):
     q, k, v = _varlen_qkv(lens_q, lens_k, h, hk, d, dtype)
     check_varlen(q, k, v, lens_q, lens_k, causal=True, dropout_p=dropout_p, lse_grad=True)
 
-    # deterministic=True computes dQ in the dQ kernel whatever ATOMIC_DQ says (else that kernel only computes delta)
+    # deterministic=True, or torch.use_deterministic_algorithms(True), computes dQ in the dQ kernel whatever
+    # ATOMIC_DQ says (else that kernel only computes delta)
     launched = []
     launch = kernels._launch
     monkeypatch.setattr(kernels, "_launch", lambda kernel, *a, **kw: launched.append(
         (kernel.base_fn.__name__, kw.get("DELTA_ONLY"), kw.get("ATOMIC_DQ"))) or launch(kernel, *a, **kw))
-    for deterministic in (True, False):
+    for deterministic, torch_deterministic in ((True, False), (False, True), (False, False)):
         launched.clear()
-        out = hf_flash.flash_attn_func(q[None], k[None], v[None], dropout_p=0.2, deterministic=deterministic)
-        torch.autograd.grad(out.sum(), (q, k, v))
-        atomic = not deterministic
+        torch.use_deterministic_algorithms(torch_deterministic, warn_only=True)
+        try:
+            out = hf_flash.flash_attn_func(q[None], k[None], v[None], dropout_p=0.2, deterministic=deterministic)
+            torch.autograd.grad(out.sum(), (q, k, v))
+        finally:
+            torch.use_deterministic_algorithms(False)
+        atomic = not (deterministic or torch_deterministic)
         assert launched[1:] == [("_attn_bwd_dq", atomic, None), ("_attn_bwd_dkdv", None, atomic)], launched
 
 
@@ -528,7 +533,9 @@ def test_activation_checkpointing_with_dropout():
     key_mask = _padding_mask(b, sk, "right")
 
     def block(q, k, v):
-        out = hf_flash.flash_attn_func(q @ w, k, v, causal=True, dropout_p=0.1, key_padding_mask=key_mask)
+        # deterministic: with dropout, dQ is otherwise summed with atomics, whose rounding varies between runs
+        out = hf_flash.flash_attn_func(q @ w, k, v, causal=True, dropout_p=0.1, key_padding_mask=key_mask,
+                                       deterministic=True)
         return (out @ w).float().square().sum()
 
     torch.manual_seed(SEED)
