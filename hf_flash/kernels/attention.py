@@ -71,6 +71,7 @@ def _prune(configs, named_args, **kwargs):
 
 _FWD_CONFIGS = _configs([
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+    (64, 128, 4, 3),  # GPT-2 small's 4K step (B2 H12 d64 causal, dropout): 4% faster than any other (H200)
 ])
 _BWD_DKDV_TILES = [  # BLOCK_M walks queries, BLOCK_N is the resident K/V tile
     (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 2), (32, 32, 8, 2),
