@@ -33,7 +33,7 @@ INT32_PTRS = {"CU_Q", "CU_K", "K_RANGE", "LY_NUM", "LY_IDX", "LY_FULL_NUM", "LY_
 FP32_PTRS = {"LSE", "Delta", "DLSE", "ALIBI"}
 BASE = dict(IS_VARLEN=False, HAS_LEFT=False, HAS_RIGHT=False, HAS_KPM=False, HAS_QPM=False, HAS_ALIBI=False,
             PRECISION="tf32", INTERPRET=False, SPARSE=False, HAS_TILES=False, HAS_RULE=False, LAYOUT_BQ=0, LAYOUT_BK=0,
-            HAS_DLSE=False, ATOMIC_DQ=False, DELTA_ONLY=False)
+            HAS_DLSE=False, ATOMIC_DQ=False, DELTA_ONLY=False, QK_ROWS=False)
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);")
 
 

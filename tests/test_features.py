@@ -494,6 +494,23 @@ def test_atomic_dq(mode, dropout_p, monkeypatch):
         assert launched[1:] == [("_attn_bwd_dq", atomic, None), ("_attn_bwd_dkdv", None, atomic)], launched
 
 
+@pytest.mark.parametrize("mode, dropout_p", [("1", 0.0), ("1", 0.2), ("dropout", 0.2)])
+def test_dkdv_rows(mode, dropout_p, monkeypatch):
+    """kernels.DKDV_ROWS (experiment): the dK/dV kernel's tiles as (queries, keys); same gradients as the reference,
+    dense (GQA, window, ALiBi, both paddings, lse gradient) and packed, with and without atomic dQ."""
+    monkeypatch.setattr(kernels, "DKDV_ROWS", mode)
+    b, h, hk, sq, sk, d, dtype = (4, 8, 2, 1023, 1025, 64, BF16) if ON_GPU else (2, 3, 1, 64, 90, 32, FP32)
+    for atomic_dq in ("0", "dropout"):
+        monkeypatch.setattr(kernels, "ATOMIC_DQ", atomic_dq)
+        q, k, v = _qkv(b, h, hk, sq, sk, d, dtype)
+        check_dense(q, k, v, causal=True, window_size=(40, -1), alibi_slopes=_slopes("bh", b, h),
+                    key_padding_mask=_padding_mask(b, sk, "left"), query_padding_mask=_padding_mask(b, sq, "random"),
+                    dropout_p=dropout_p, lse_grad=True)
+    lens_q, lens_k = ([3, 1024, 1, 0, 1999], [600, 1024, 1, 5, 1999]) if ON_GPU else ([3, 64, 1, 0, 41], [60, 64, 1, 5, 41])
+    q, k, v = _varlen_qkv(lens_q, lens_k, h, hk, d, dtype)
+    check_varlen(q, k, v, lens_q, lens_k, causal=True, dropout_p=dropout_p, lse_grad=True)
+
+
 # --- determinism and recomputation ----------------------------------------------------------------
 
 @pytest.mark.parametrize("api", ["dense", "varlen"])

@@ -33,6 +33,11 @@ AUTOTUNE = os.environ.get("HF_FLASH_AUTOTUNE", "1") not in ("", "0")
 ATOMIC_DQ = os.environ.get("HF_FLASH_ATOMIC_DQ", "dropout")
 if ATOMIC_DQ not in ("0", "dropout", "1"):
     raise ValueError(f"HF_FLASH_ATOMIC_DQ must be 0, dropout or 1, got {ATOMIC_DQ!r}")
+# EXPERIMENT (branch dkdv-rows): the dK/dV kernel's tiles as (queries, keys), like the forward's, "0" never (keys,
+# queries), "dropout" when dropout is on, "1" always. See _bwd_dkdv_rows.
+DKDV_ROWS = os.environ.get("HF_FLASH_DKDV_ROWS", "0")
+if DKDV_ROWS not in ("0", "dropout", "1"):
+    raise ValueError(f"HF_FLASH_DKDV_ROWS must be 0, dropout or 1, got {DKDV_ROWS!r}")
 # The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors for testing. It is read at
 # import time because triton.jit chooses between compiling and interpreting when it decorates.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -635,6 +640,60 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _bwd_dkdv_rows(dk, dv, k, v, it, start_n, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
+                   stride_qm, stride_qd, stride_dom, stride_dod, offs_m, cols, offs_d, seq_q, seq_k, diag, qk_scale,
+                   win_left, win_right, key_kept, slope2, seed, rng_base, dropout_p, inv_keep, idx_ptr, tile_ptr,
+                   tile_stride, TILES, RULE, MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                   HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+                   SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
+                   LAYOUT_BK: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """One query block of _bwd_dkdv_inner with the tile as (BLOCK_M queries, BLOCK_N keys), as in the forward.
+
+    EXPERIMENT (branch dkdv-rows): the dropout mask is then _dropout_keep's, drawn where each thread holds its
+    elements with nothing crossing threads; P and dS instead enter dV and dK transposed (tl.trans: a shared-memory
+    operand of the MMA), and dQ = dS K needs no transpose."""
+    start_m = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BQ, BLOCK_M), BLOCK_M)
+    rows = start_m + offs_m
+    q = _load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    lse2 = tl.load(lse_base + rows, mask=rows < seq_q, other=float("inf")) * 1.4426950408889634
+    s = tl.dot(_mm(q, INTERPRET), _mm(tl.trans(k), INTERPRET), input_precision=PRECISION) * qk_scale
+    if HAS_ALIBI:
+        s += _alibi(rows[:, None], cols[None, :], diag, slope2)
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASK:
+        keep = _visible(rows[:, None], cols[None, :], seq_k, diag, win_left, win_right, 0, HAS_LEFT, HAS_RIGHT, False)
+        if HAS_TILES:
+            keep = keep & _tile_keep(TILES, tl.load(tile_ptr + start_m // LAYOUT_BQ * tile_stride), rows[:, None],
+                                     cols[None, :], LAYOUT_BQ, LAYOUT_BK)
+        if HAS_RULE:
+            keep = keep & _rule_keep(RULE, rows[:, None], cols[None, :], diag)
+        p = tl.where(keep, p, 0.0)
+    if HAS_KPM:
+        p = tl.where(key_kept[None, :], p, 0.0)
+    do = _load_rows(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                    rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    dp = tl.dot(_mm(do, INTERPRET), _mm(tl.trans(v), INTERPRET), input_precision=PRECISION)
+    if DROPOUT:
+        kept = _dropout_keep(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0])
+        p_drop = tl.where(kept, p, 0.0)
+        dp = tl.where(kept, dp, 0.0) * inv_keep
+    else:
+        p_drop = p
+    dv = tl.dot(_mm(tl.trans(_cast(p_drop, do.dtype, INTERPRET)), INTERPRET), _mm(do, INTERPRET), dv,
+                input_precision=PRECISION)
+    delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
+    ds = _cast(p * (dp - delta[:, None]), q.dtype, INTERPRET)
+    dk = tl.dot(_mm(tl.trans(ds), INTERPRET), _mm(q, INTERPRET), dk, input_precision=PRECISION)
+    if ATOMIC_DQ:
+        dq = tl.dot(_mm(ds, INTERPRET), _mm(k, INTERPRET), input_precision=PRECISION) * sm_scale
+        tl.atomic_add(dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
+                      mask=(rows[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
                     stride_qm, stride_qd, stride_dom, stride_dod,
                     lo, hi, offs_m, start_n, cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left, win_right, key_kept,
@@ -643,54 +702,63 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
                     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                     SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
-                    LAYOUT_BK: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                    LAYOUT_BK: tl.constexpr, ATOMIC_DQ: tl.constexpr, QK_ROWS: tl.constexpr):
     inv_keep = 1.0 / (1.0 - dropout_p)
     for it in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BQ, BLOCK_M), BLOCK_M)
-        rows = start_m + offs_m
-        q = _load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                       rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-        lse2 = tl.load(lse_base + rows, mask=rows < seq_q, other=float("inf")) * 1.4426950408889634
-        qk_t = tl.dot(_mm(k, INTERPRET), _mm(tl.trans(q), INTERPRET), input_precision=PRECISION)
-        s_t = qk_t * qk_scale
-        if HAS_ALIBI:
-            s_t += _alibi(rows[None, :], cols[:, None], diag, slope2)
-        p_t = tl.math.exp2(s_t - lse2[None, :])
-        if MASK:
-            keep = _visible(rows[None, :], cols[:, None], seq_k, diag, win_left, win_right, 0,
-                            HAS_LEFT, HAS_RIGHT, False)
-            if HAS_TILES:
-                keep = keep & _tile_keep(TILES, tl.load(tile_ptr + start_m // LAYOUT_BQ * tile_stride), rows[None, :],
-                                         cols[:, None], LAYOUT_BQ, LAYOUT_BK)
-            if HAS_RULE:
-                keep = keep & _rule_keep(RULE, rows[None, :], cols[:, None], diag)
-            p_t = tl.where(keep, p_t, 0.0)
-        if HAS_KPM:
-            p_t = tl.where(key_kept[:, None], p_t, 0.0)
-        do = _load_rows(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                        rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-        dp_t = tl.dot(_mm(v, INTERPRET), _mm(tl.trans(do), INTERPRET), input_precision=PRECISION)
-        if DROPOUT:
-            # dV sums the kept P unscaled (the caller scales dV by 1 / (1 - p) once); dP's scale rides the FMA below.
-            kept = _dropout_keep_t(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0], INTERPRET)
-            p_drop_t = tl.where(kept, p_t, 0.0)
-            dp_t = tl.where(kept, dp_t, 0.0) * inv_keep
-        else:
-            p_drop_t = p_t
-        dv = tl.dot(_mm(_cast(p_drop_t, do.dtype, INTERPRET), INTERPRET), _mm(do, INTERPRET), dv, input_precision=PRECISION)
-        delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
-        ds_t = p_t * (dp_t - delta[None, :])
-        ds_t = _cast(ds_t, q.dtype, INTERPRET)
-        dk = tl.dot(_mm(ds_t, INTERPRET), _mm(q, INTERPRET), dk, input_precision=PRECISION)
-        if ATOMIC_DQ:  # this key block's share of dQ for these query rows, summed in fp32 across key blocks
-            dq = tl.dot(_mm(tl.trans(ds_t), INTERPRET), _mm(k, INTERPRET), input_precision=PRECISION) * sm_scale
-            tl.atomic_add(dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
-                          mask=(rows[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        if QK_ROWS:  # the forward's orientation (see _bwd_dkdv_rows)
+            dk, dv = _bwd_dkdv_rows(dk, dv, k, v, it, start_n, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm,
+                                    stride_dqd, sm_scale, stride_qm, stride_qd, stride_dom, stride_dod, offs_m,
+                                    cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left, win_right, key_kept,
+                                    slope2, seed, rng_base, dropout_p, inv_keep, idx_ptr, tile_ptr, tile_stride,
+                                    TILES, RULE, MASK, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT, HEAD_DIM,
+                                    BLOCK_D, BLOCK_M, PRECISION, INTERPRET, SPARSE, HAS_TILES, HAS_RULE,
+                                    LAYOUT_BQ, LAYOUT_BK, ATOMIC_DQ)
+        else:  # (keys, queries): no transposes for dK and dV
+            start_m = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BQ, BLOCK_M), BLOCK_M)
+            rows = start_m + offs_m
+            q = _load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                           rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+            lse2 = tl.load(lse_base + rows, mask=rows < seq_q, other=float("inf")) * 1.4426950408889634
+            qk_t = tl.dot(_mm(k, INTERPRET), _mm(tl.trans(q), INTERPRET), input_precision=PRECISION)
+            s_t = qk_t * qk_scale
+            if HAS_ALIBI:
+                s_t += _alibi(rows[None, :], cols[:, None], diag, slope2)
+            p_t = tl.math.exp2(s_t - lse2[None, :])
+            if MASK:
+                keep = _visible(rows[None, :], cols[:, None], seq_k, diag, win_left, win_right, 0,
+                                HAS_LEFT, HAS_RIGHT, False)
+                if HAS_TILES:
+                    keep = keep & _tile_keep(TILES, tl.load(tile_ptr + start_m // LAYOUT_BQ * tile_stride), rows[None, :],
+                                             cols[:, None], LAYOUT_BQ, LAYOUT_BK)
+                if HAS_RULE:
+                    keep = keep & _rule_keep(RULE, rows[None, :], cols[:, None], diag)
+                p_t = tl.where(keep, p_t, 0.0)
+            if HAS_KPM:
+                p_t = tl.where(key_kept[:, None], p_t, 0.0)
+            do = _load_rows(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                            rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+            dp_t = tl.dot(_mm(v, INTERPRET), _mm(tl.trans(do), INTERPRET), input_precision=PRECISION)
+            if DROPOUT:
+                # dV sums the kept P unscaled (the caller scales dV by 1 / (1 - p) once); dP's scale rides the FMA below.
+                kept = _dropout_keep_t(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0], INTERPRET)
+                p_drop_t = tl.where(kept, p_t, 0.0)
+                dp_t = tl.where(kept, dp_t, 0.0) * inv_keep
+            else:
+                p_drop_t = p_t
+            dv = tl.dot(_mm(_cast(p_drop_t, do.dtype, INTERPRET), INTERPRET), _mm(do, INTERPRET), dv, input_precision=PRECISION)
+            delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            ds_t = _cast(ds_t, q.dtype, INTERPRET)
+            dk = tl.dot(_mm(ds_t, INTERPRET), _mm(q, INTERPRET), dk, input_precision=PRECISION)
+            if ATOMIC_DQ:  # this key block's share of dQ for these query rows, summed in fp32 across key blocks
+                dq = tl.dot(_mm(tl.trans(ds_t), INTERPRET), _mm(k, INTERPRET), input_precision=PRECISION) * sm_scale
+                tl.atomic_add(dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
+                              mask=(rows[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 # ATOMIC_DQ adds a matmul and atomics: tuned apart, and tuning runs' sums into DQ are reset before the real launch
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY + ["ATOMIC_DQ"], prune_configs_by=_PRUNE,
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY + ["ATOMIC_DQ", "QK_ROWS"], prune_configs_by=_PRUNE,
                  do_bench=_time_config, reset_to_zero=["DQ"])
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, SEED,
@@ -709,7 +777,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, 
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                    SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
-                   LAYOUT_BK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                   LAYOUT_BK: tl.constexpr, ATOMIC_DQ: tl.constexpr, QK_ROWS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     block_n, off_bhk = _tile(_n_tiles(SEQ_K, BLOCK_N, SPARSE, LAYOUT_BK), MAJOR, False, SPARSE)
     nheads_kv = NHEADS // GROUP
@@ -765,7 +833,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, 
                                      tl.cdiv(SEQ_K, LAYOUT_BK), TILES, RULE,
                                      True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
                                      HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
-                                     True, HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK, ATOMIC_DQ)
+                                     True, HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK, ATOMIC_DQ, QK_ROWS)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                      dq_base, stride_dqm, stride_dqd, sm_scale,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
@@ -774,7 +842,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, 
                                      rng_base, SEQ_K, dropout_p, LY_FULL_IDX + ly_col * n_q_blocks, tile_col, 0, TILES, RULE,
                                      False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
                                      HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
-                                     True, False, False, LAYOUT_BQ, LAYOUT_BK, ATOMIC_DQ)
+                                     True, False, False, LAYOUT_BQ, LAYOUT_BK, ATOMIC_DQ, QK_ROWS)
         else:
             if HAS_RIGHT:
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
@@ -785,7 +853,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, 
                                          LY_IDX, TILE_IDX, 0, TILES, RULE,
                                          True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
                                          HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
-                                         False, False, False, 1, 1, ATOMIC_DQ)
+                                         False, False, False, 1, 1, ATOMIC_DQ, QK_ROWS)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                      dq_base, stride_dqm, stride_dqd, sm_scale,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
@@ -794,7 +862,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, 
                                      LY_IDX, TILE_IDX, 0, TILES, RULE,
                                      False, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
                                      HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
-                                     False, False, False, 1, 1, ATOMIC_DQ)
+                                     False, False, False, 1, 1, ATOMIC_DQ, QK_ROWS)
             if HAS_LEFT:
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                          dq_base, stride_dqm, stride_dqd, sm_scale,
@@ -804,7 +872,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, 
                                          LY_IDX, TILE_IDX, 0, TILES, RULE,
                                          True, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT,
                                          HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION, INTERPRET,
-                                         False, False, False, 1, 1, ATOMIC_DQ)
+                                         False, False, False, 1, 1, ATOMIC_DQ, QK_ROWS)
 
     mask = (cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
     dk *= sm_scale
@@ -1242,7 +1310,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
     _launch(_attn_bwd_dkdv, _launch_rows(args["SEQ_K"], layout_block_k), "BLOCK_N", batch * nheads_kv,
             Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, DQ=dq_acc4, **kv_ptrs, **layout_q,
             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
-            **_strides("dk", dks), **_strides("dv", dvs), **_strides("dq", dq_accs), ATOMIC_DQ=atomic, **scales, **args)
+            **_strides("dk", dks), **_strides("dv", dvs), **_strides("dq", dq_accs), ATOMIC_DQ=atomic,
+            QK_ROWS=DKDV_ROWS == "1" or (DKDV_ROWS == "dropout" and dropout_p > 0.0), **scales, **args)
     if atomic:
         dq.copy_(dq_acc)
     return dq, dk, dv
