@@ -1,7 +1,7 @@
 """EXPERIMENT (branch dkdv-rows): the dK/dV kernel's tile as (keys, queries), as on main, against (queries, keys).
 
 For each shape: our forward at p = 0 and 0.1; our backward at p = 0 and 0.1 in both orientations
-(kernels.DKDV_ROWS "0" and "1"; each is tuned apart, QK_ROWS being part of the tuning key; dQ as by default:
+(kernels.DKDV_ROWS "0" and "1", each tuned apart over the tiles in that orientation; dQ as by default:
 atomics when dropout is on); SDPA's FlashAttention-2 and cuDNN backends as controls; and how far the two
 orientations' gradients are apart (same seed, so the same dropout mask). Medians of do_bench, ms.
 Run from the repository root on a CUDA GPU: python benchmarks/ab_dkdv_rows.py
@@ -45,6 +45,7 @@ def main():
             ref = None
             for rows in ("0", "1"):
                 A.DKDV_ROWS = rows
+                A.reset_tuning()  # the orientation is a tuned parameter: the candidates change with the switch
                 out = hf_flash.flash_attn_func(q, k, v, causal=causal, dropout_p=p)
                 r[f"bwd {p} rows {rows}"] = bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
                 g = grads(q, k, v, dout, causal, p)
@@ -54,6 +55,7 @@ def main():
                     apart[p] = max(((a.float() - b_.float()).abs().max() / b_.float().abs().max()).item()
                                    for a, b_ in zip(g, ref))
             A.DKDV_ROWS = "0"
+            A.reset_tuning()
             qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
             for name, backend in BACKENDS.items():
                 with torch.nn.attention.sdpa_kernel(backend):

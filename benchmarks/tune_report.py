@@ -7,7 +7,8 @@ marked. --extra adds configs that are not among the candidates, to ask whether o
     python benchmarks/tune_report.py --batch 2 --seqlen 4096 --heads 12 --causal --dropout 0.1 \
         --extra dkdv:64x64w8s3 dkdv:64x128w8s2r168 fwd:128x128w8s2
 
-(M x N tile, w warps, s stages, optional r = maxnreg). Then fwd and fwd+bwd times of the tuned kernels next
+(M x N tile, w warps, s stages, optional r = maxnreg, q: a dK/dV tile as (queries, keys), see
+HF_FLASH_DKDV_ROWS, which also decides which orientations the candidates include). Then fwd and fwd+bwd times of the tuned kernels next
 to SDPA's flash and cuDNN backends, from the same process. Needs a CUDA GPU.
 """
 import argparse
@@ -24,22 +25,25 @@ import hf_flash  # noqa: E402
 from hf_flash.kernels import attention as A  # noqa: E402
 
 KERNELS = {"fwd": A._attn_fwd, "dq": A._attn_bwd_dq, "dkdv": A._attn_bwd_dkdv}
-EXTRA = re.compile(r"(fwd|dq|dkdv):(\d+)x(\d+)w(\d+)s(\d+)(?:r(\d+))?$")
+EXTRA = re.compile(r"(fwd|dq|dkdv):(\d+)x(\d+)w(\d+)s(\d+)(?:r(\d+))?(q?)$")
 
 
 def parse_extra(spec):
     match = EXTRA.match(spec)
-    if not match:
-        raise SystemExit(f"--extra: expected KERNEL:MxNwWsS[rR] with KERNEL fwd, dq or dkdv, got {spec!r}")
-    kernel, m, n, w, s, r = match.groups()
-    return kernel, triton.Config({"BLOCK_M": int(m), "BLOCK_N": int(n)}, num_warps=int(w), num_stages=int(s),
+    if not match or (match.group(7) and match.group(1) != "dkdv"):
+        raise SystemExit(f"--extra: expected KERNEL:MxNwWsS[rR][q] with KERNEL fwd, dq or dkdv (q: dkdv only), "
+                         f"got {spec!r}")
+    kernel, m, n, w, s, r, rows = match.groups()
+    flags = {"QK_ROWS": bool(rows)} if kernel == "dkdv" else {}
+    return kernel, triton.Config({**flags, "BLOCK_M": int(m), "BLOCK_N": int(n)}, num_warps=int(w), num_stages=int(s),
                                  maxnreg=int(r) if r else None)
 
 
 def describe(config):
     kw = config.kwargs
     reg = f" maxnreg {config.maxnreg}" if config.maxnreg else ""
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps} s{config.num_stages}{reg}"
+    rows = " (queries, keys)" if kw.get("QK_ROWS") else ""
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps} s{config.num_stages}{reg}{rows}"
 
 
 def bench(fn):

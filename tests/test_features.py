@@ -499,6 +499,10 @@ def test_dkdv_rows(mode, dropout_p, monkeypatch):
     """kernels.DKDV_ROWS (experiment): the dK/dV kernel's tiles as (queries, keys); same gradients as the reference,
     dense (GQA, window, ALiBi, both paddings, lse gradient) and packed, with and without atomic dQ."""
     monkeypatch.setattr(kernels, "DKDV_ROWS", mode)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})  # the orientation is tuned: start from no tuned configs
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    for kernel in (kernels._attn_fwd, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv):
+        monkeypatch.setattr(kernel, "cache", {})
     b, h, hk, sq, sk, d, dtype = (4, 8, 2, 1023, 1025, 64, BF16) if ON_GPU else (2, 3, 1, 64, 90, 32, FP32)
     for atomic_dq in ("0", "dropout"):
         monkeypatch.setattr(kernels, "ATOMIC_DQ", atomic_dq)
@@ -509,6 +513,8 @@ def test_dkdv_rows(mode, dropout_p, monkeypatch):
     lens_q, lens_k = ([3, 1024, 1, 0, 1999], [600, 1024, 1, 5, 1999]) if ON_GPU else ([3, 64, 1, 0, 41], [60, 64, 1, 5, 41])
     q, k, v = _varlen_qkv(lens_q, lens_k, h, hk, d, dtype)
     check_varlen(q, k, v, lens_q, lens_k, causal=True, dropout_p=dropout_p, lse_grad=True)
+    chosen = [c.kwargs["QK_ROWS"] for key, c in kernels._CHOSEN.items() if key[0] is kernels._attn_bwd_dkdv]
+    assert chosen and all(chosen), chosen
 
 
 # --- determinism and recomputation ----------------------------------------------------------------

@@ -33,11 +33,12 @@ AUTOTUNE = os.environ.get("HF_FLASH_AUTOTUNE", "1") not in ("", "0")
 ATOMIC_DQ = os.environ.get("HF_FLASH_ATOMIC_DQ", "dropout")
 if ATOMIC_DQ not in ("0", "dropout", "1"):
     raise ValueError(f"HF_FLASH_ATOMIC_DQ must be 0, dropout or 1, got {ATOMIC_DQ!r}")
-# EXPERIMENT (branch dkdv-rows): the dK/dV kernel's tiles as (queries, keys), like the forward's, "0" never (keys,
-# queries), "dropout" when dropout is on, "1" always. See _bwd_dkdv_rows.
+# EXPERIMENT (branch dkdv-rows): the dK/dV kernel's tiles as (queries, keys), like the forward's (QK_ROWS, a tuned
+# parameter): "0" never, i.e. (keys, queries), "dropout" when dropout is on, "1" always, "tune" both orientations
+# of every tile are candidates. See _bwd_dkdv_rows. Call reset_tuning() after changing it in a running process.
 DKDV_ROWS = os.environ.get("HF_FLASH_DKDV_ROWS", "0")
-if DKDV_ROWS not in ("0", "dropout", "1"):
-    raise ValueError(f"HF_FLASH_DKDV_ROWS must be 0, dropout or 1, got {DKDV_ROWS!r}")
+if DKDV_ROWS not in ("0", "dropout", "1", "tune"):
+    raise ValueError(f"HF_FLASH_DKDV_ROWS must be 0, dropout, 1 or tune, got {DKDV_ROWS!r}")
 # The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors for testing. It is read at
 # import time because triton.jit chooses between compiling and interpreting when it decorates.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -51,11 +52,12 @@ MAX_HEADDIM = 256
 # new sequence length rarely triggers a new search.
 # --------------------------------------------------------------------------------------------
 
-def _configs(candidates):
+def _configs(candidates, orientations=None):
+    """orientations: the dK/dV kernel's QK_ROWS values, each tried with every tile (see DKDV_ROWS)."""
     if INTERPRET:  # small configs, never timed: the interpreter is slow and autotuning it means nothing
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1) for m, n in
-                ((64, 32), (32, 32), (16, 16))]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
+        candidates = [(64, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1)]
+    return [triton.Config({**({} if rows is None else {"QK_ROWS": rows}), "BLOCK_M": m, "BLOCK_N": n}, num_warps=w,
+                          num_stages=s) for rows in (orientations or (None,)) for m, n, w, s in candidates]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -69,8 +71,12 @@ def _prune(configs, named_args, **kwargs):
         kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     if args.get("SPARSE"):  # a kernel tile must lie inside one layout block
         fits = [c for c in kept if c.kwargs["BLOCK_M"] <= args["LAYOUT_BQ"] and c.kwargs["BLOCK_N"] <= args["LAYOUT_BK"]]
-        kept = fits or [triton.Config({"BLOCK_M": min(64, args["LAYOUT_BQ"]), "BLOCK_N": min(32, args["LAYOUT_BK"])},
+        kept = fits or [triton.Config({**{name: False for name in configs[0].kwargs if name == "QK_ROWS"},
+                                       "BLOCK_M": min(64, args["LAYOUT_BQ"]), "BLOCK_N": min(32, args["LAYOUT_BK"])},
                                       num_warps=4, num_stages=2)]
+    if "QK_ROWS" in configs[0].kwargs and DKDV_ROWS != "tune":
+        rows = DKDV_ROWS == "1" or (DKDV_ROWS == "dropout" and bool(args["DROPOUT"]))
+        kept = [c for c in kept if c.kwargs["QK_ROWS"] == rows]
     return kept if AUTOTUNE and not INTERPRET else kept[:1]
 
 
@@ -84,7 +90,7 @@ _BWD_DKDV_TILES = [  # BLOCK_M walks queries, BLOCK_N is the resident K/V tile
 # _dropout_keep_t gathers Philox words from 64 keys and 128 words on (BLOCK_N / 16 * BLOCK_M); Triton 3.6 cannot
 # compile a gather from fewer words than the block has threads, so such a tile must not gather.
 assert all(n < 64 or n // 16 * m < 128 or n // 16 * m >= 32 * w for m, n, w, _ in _BWD_DKDV_TILES)
-_BWD_DKDV_CONFIGS = _configs(_BWD_DKDV_TILES)
+_BWD_DKDV_CONFIGS = _configs(_BWD_DKDV_TILES, orientations=(False, True))
 _BWD_DQ_CONFIGS = _configs([  # BLOCK_M is the resident Q tile, BLOCK_N walks keys
     (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 2), (32, 32, 8, 2),
 ])
@@ -758,7 +764,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
 
 
 # ATOMIC_DQ adds a matmul and atomics: tuned apart, and tuning runs' sums into DQ are reset before the real launch
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY + ["ATOMIC_DQ", "QK_ROWS"], prune_configs_by=_PRUNE,
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY + ["ATOMIC_DQ"], prune_configs_by=_PRUNE,
                  do_bench=_time_config, reset_to_zero=["DQ"])
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, SEED,
@@ -1055,7 +1061,12 @@ _CHOSEN = {}
 _COMPILED = {}
 # kernel -> (getter of its non-autotuned arguments from the kwargs, number of leading pointer arguments)
 _SIGNATURES = {}
-_META = ("BLOCK_M", "BLOCK_N")  # the autotuned parameters, last in every kernel's signature
+def _meta(kernel):
+    """The names of the kernel's autotuned parameters (BLOCK_M, BLOCK_N; QK_ROWS too for dK/dV), last in its
+    signature, in signature order."""
+    return kernel.arg_names[-len(kernel.configs[0].kwargs):]
+
+
 _driver = None
 
 
@@ -1077,8 +1088,7 @@ def _launch(kernel, rows, block, programs, **kwargs):
     key, addresses, scalars = _launch_key(kernel, kwargs)
     entry = _COMPILED.get(key)
     if entry is not None and not _launch_hooks():
-        run, function, metadata, meta = entry
-        size = meta[_META.index(block)]
+        run, function, metadata, meta, size = entry
         grid_x = (rows + size - 1) // size * programs
         run(grid_x, 1, 1, _driver.get_current_stream(_driver.get_current_device()), function, metadata, None, None,
             None, *addresses, *scalars, *meta)
@@ -1097,7 +1107,7 @@ def _launch(kernel, rows, block, programs, **kwargs):
             _COMPILED.clear()
         _driver = triton.runtime.driver.active
         _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata,
-                          tuple(config.kwargs[name] for name in _META))
+                          tuple(config.kwargs[name] for name in _meta(kernel)), config.kwargs[block])
 
 
 def reset_tuning():
@@ -1117,7 +1127,7 @@ def _launch_key(kernel, kwargs):
     """(launch key, pointer addresses, the other non-autotuned arguments in signature order), see _launch."""
     signature = _SIGNATURES.get(kernel)
     if signature is None:  # every kernel takes its pointers first (disabled ones get a dummy tensor)
-        names = kernel.arg_names[:-len(_META)]
+        names = kernel.arg_names[:-len(_meta(kernel))]
         n_ptr = next(i for i, name in enumerate(names) if not isinstance(kwargs[name], torch.Tensor))
         signature = _SIGNATURES[kernel] = (operator.itemgetter(*names), n_ptr)
     getter, n_ptr = signature
@@ -1310,8 +1320,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
     _launch(_attn_bwd_dkdv, _launch_rows(args["SEQ_K"], layout_block_k), "BLOCK_N", batch * nheads_kv,
             Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, DQ=dq_acc4, **kv_ptrs, **layout_q,
             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
-            **_strides("dk", dks), **_strides("dv", dvs), **_strides("dq", dq_accs), ATOMIC_DQ=atomic,
-            QK_ROWS=DKDV_ROWS == "1" or (DKDV_ROWS == "dropout" and dropout_p > 0.0), **scales, **args)
+            **_strides("dk", dks), **_strides("dv", dvs), **_strides("dq", dq_accs), ATOMIC_DQ=atomic, **scales, **args)
     if atomic:
         dq.copy_(dq_acc)
     return dq, dk, dv
