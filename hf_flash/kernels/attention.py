@@ -52,18 +52,24 @@ MAX_HEADDIM = 256
 # new sequence length rarely triggers a new search.
 # --------------------------------------------------------------------------------------------
 
-def _configs(candidates, orientations=None):
-    """orientations: the dK/dV kernel's QK_ROWS values, each tried with every tile (see DKDV_ROWS)."""
+def _configs(candidates):
+    """(BLOCK_M, BLOCK_N, warps, stages) tuples, or with a fifth item, the dK/dV kernel's QK_ROWS."""
     if INTERPRET:  # small configs, never timed: the interpreter is slow and autotuning it means nothing
-        candidates = [(64, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1)]
-    return [triton.Config({**({} if rows is None else {"QK_ROWS": rows}), "BLOCK_M": m, "BLOCK_N": n}, num_warps=w,
-                          num_stages=s) for rows in (orientations or (None,)) for m, n, w, s in candidates]
+        extras = dict.fromkeys(c[4:] for c in candidates)  # () or each QK_ROWS value
+        candidates = [(m, n, 4, 1, *e) for e in extras for m, n in ((64, 32), (32, 32), (16, 16))]
+    return [triton.Config({**({"QK_ROWS": c[4]} if len(c) > 4 else {}), "BLOCK_M": c[0], "BLOCK_N": c[1]},
+                          num_warps=c[2], num_stages=c[3]) for c in candidates]
 
 
 def _prune(configs, named_args, **kwargs):
     """Keep only tiles that fit registers and shared memory for this row width (head dim x dtype)."""
     args = {**named_args, **kwargs}
     row_bytes = args["Q"].element_size() * args["BLOCK_D"]
+    orientation = {}  # the dK/dV kernel's: QK_ROWS as DKDV_ROWS asks, both when it says "tune"
+    if "QK_ROWS" in configs[0].kwargs:
+        orientation = {"QK_ROWS": DKDV_ROWS == "1" or (DKDV_ROWS == "dropout" and bool(args.get("DROPOUT")))}
+        if DKDV_ROWS != "tune":
+            configs = [c for c in configs if c.kwargs["QK_ROWS"] == orientation["QK_ROWS"]]
     kept = configs
     if row_bytes > 256:  # beyond fp16/bf16 headdim 128 or fp32 headdim 64
         max_tile = 128 * 64 if row_bytes <= 512 else 64 * 32
@@ -71,12 +77,8 @@ def _prune(configs, named_args, **kwargs):
         kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     if args.get("SPARSE"):  # a kernel tile must lie inside one layout block
         fits = [c for c in kept if c.kwargs["BLOCK_M"] <= args["LAYOUT_BQ"] and c.kwargs["BLOCK_N"] <= args["LAYOUT_BK"]]
-        kept = fits or [triton.Config({**{name: False for name in configs[0].kwargs if name == "QK_ROWS"},
-                                       "BLOCK_M": min(64, args["LAYOUT_BQ"]), "BLOCK_N": min(32, args["LAYOUT_BK"])},
-                                      num_warps=4, num_stages=2)]
-    if "QK_ROWS" in configs[0].kwargs and DKDV_ROWS != "tune":
-        rows = DKDV_ROWS == "1" or (DKDV_ROWS == "dropout" and bool(args["DROPOUT"]))
-        kept = [c for c in kept if c.kwargs["QK_ROWS"] == rows]
+        kept = fits or [triton.Config({**orientation, "BLOCK_M": min(64, args["LAYOUT_BQ"]),
+                                       "BLOCK_N": min(32, args["LAYOUT_BK"])}, num_warps=4, num_stages=2)]
     return kept if AUTOTUNE and not INTERPRET else kept[:1]
 
 
@@ -84,13 +86,16 @@ _FWD_CONFIGS = _configs([
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
     (64, 128, 4, 3),  # GPT-2 small's 4K step (B2 H12 d64 causal, dropout): 4% faster than any other (H200)
 ])
-_BWD_DKDV_TILES = [  # BLOCK_M walks queries, BLOCK_N is the resident K/V tile
-    (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 2), (32, 32, 8, 2),
+_BWD_DKDV_TILES = [  # BLOCK_M walks queries, BLOCK_N is the resident K/V tile; QK_ROWS: see _bwd_dkdv_rows
+    (32, 128, 4, 3, False), (64, 128, 8, 3, False), (32, 64, 4, 3, False), (64, 64, 4, 2, False),
+    (16, 64, 4, 2, False), (32, 32, 8, 2, False),
+    # (queries, keys) tiles need BLOCK_M >= 64, the MMA's M, and spill at 64 x 128 (Triton 3.6, static)
+    (64, 64, 4, 2, True), (128, 64, 8, 2, True), (64, 32, 4, 2, True),
 ]
 # _dropout_keep_t gathers Philox words from 64 keys and 128 words on (BLOCK_N / 16 * BLOCK_M); Triton 3.6 cannot
 # compile a gather from fewer words than the block has threads, so such a tile must not gather.
-assert all(n < 64 or n // 16 * m < 128 or n // 16 * m >= 32 * w for m, n, w, _ in _BWD_DKDV_TILES)
-_BWD_DKDV_CONFIGS = _configs(_BWD_DKDV_TILES, orientations=(False, True))
+assert all(n < 64 or n // 16 * m < 128 or n // 16 * m >= 32 * w for m, n, w, _, rows in _BWD_DKDV_TILES if not rows)
+_BWD_DKDV_CONFIGS = _configs(_BWD_DKDV_TILES)
 _BWD_DQ_CONFIGS = _configs([  # BLOCK_M is the resident Q tile, BLOCK_N walks keys
     (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 2), (32, 32, 8, 2),
 ])
