@@ -19,8 +19,13 @@ The attention_mask a layer receives, and how it is applied exactly:
   `position_ids`) and the split is checked element by element against the mask; a mask that does not split
   raises ValueError rather than being approximated.
 `cu_seq_lens_q` / `cu_seq_lens_k` (DataCollatorWithFlattening) run packed sequences through the varlen kernel.
+
+Determinism follows transformers' flash-attention switches: a `deterministic` keyword, else the environment
+variable FLASH_ATTENTION_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)). Without them, a training
+call with dropout sums dQ with atomics (faster; its rounding varies from run to run), as flash-attn does.
 """
 
+import os
 import warnings
 import weakref
 from functools import lru_cache
@@ -237,14 +242,21 @@ def _keep_mask(dropout_p, batch, heads, q_len, k_len, device):
     return torch.rand(batch, heads, q_len, k_len, device=device) >= dropout_p
 
 
-def _run(q, k, v, plan, scale, dropout_p):
+def _deterministic(kwargs):
+    """transformers' flash-attention convention: the `deterministic` keyword, else FLASH_ATTENTION_DETERMINISTIC."""
+    deterministic = kwargs.get("deterministic")
+    return os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1" if deterministic is None else bool(deterministic)
+
+
+def _run(q, k, v, plan, scale, dropout_p, deterministic):
     """q, k, v: (batch, seq, heads, dim) views. Returns (batch, seq_q, heads, dim)."""
     batch, q_len, heads = q.shape[:3]
     common = dict(causal=plan.causal, softmax_scale=scale, window_size=plan.window)
     kernels = _runs_kernels(q.device)
     if plan.cu_seqlens_q is None:
         if kernels:
-            return flash_attn_func(q, k, v, dropout_p=dropout_p, key_padding_mask=plan.key_padding, **common)
+            return flash_attn_func(q, k, v, dropout_p=dropout_p, key_padding_mask=plan.key_padding,
+                                   deterministic=deterministic, **common)
         keep = _keep_mask(dropout_p, batch, heads, q_len, k.shape[1], q.device) if dropout_p > 0 else None
         return attention_reference(q, k, v, key_padding_mask=plan.key_padding, dropout_p=dropout_p,
                                    dropout_mask=keep, **common)[0]
@@ -252,7 +264,8 @@ def _run(q, k, v, plan, scale, dropout_p):
     q, k, v = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
     args = (q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k)
     if kernels:
-        out = flash_attn_varlen_func(*args, plan.max_seqlen_q, plan.max_seqlen_k, dropout_p=dropout_p, **common)
+        out = flash_attn_varlen_func(*args, plan.max_seqlen_q, plan.max_seqlen_k, dropout_p=dropout_p,
+                                     deterministic=deterministic, **common)
     else:
         n_seqs = plan.cu_seqlens_q.numel() - 1
         keep = (_keep_mask(dropout_p, n_seqs, heads, plan.max_seqlen_q, plan.max_seqlen_k, q.device)
@@ -316,7 +329,7 @@ def hf_triton_attention_forward(module, query, key, value, attention_mask, dropo
     """
     q, k, v, plan, scale, dropout_p, v_head_dim = _prepare(module, query, key, value, attention_mask, dropout, scaling,
                                                            is_causal, sliding_window, kwargs)
-    out = _run(q, k, v, plan, scale, dropout_p)
+    out = _run(q, k, v, plan, scale, dropout_p, _deterministic(kwargs))
     return _drop_head_padding(out, v_head_dim), None
 
 
@@ -412,7 +425,7 @@ def hf_triton_sparse_attention_forward(module, query, key, value, attention_mask
     layout = sparsity_layout(getattr(config, SPARSITY_CONFIG_KEY), q.shape[1], k.shape[1], q.device)
     if _runs_kernels(q.device):
         out = block_sparse_attn_func(q, k, v, layout, causal=plan.causal, softmax_scale=scale, dropout_p=dropout_p,
-                                     key_padding_mask=plan.key_padding)
+                                     key_padding_mask=plan.key_padding, deterministic=_deterministic(kwargs))
     else:
         keep = (_keep_mask(dropout_p, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device)
                 if dropout_p > 0 else None)

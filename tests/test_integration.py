@@ -344,6 +344,33 @@ def test_autocast_casts_fp32_inputs_and_fp32_stays_fp32():
     torch.testing.assert_close(low.double(), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("entry", ["dense", "sparse"])
+def test_deterministic_switches(entry, monkeypatch):
+    """transformers' switches, the `deterministic` keyword, else FLASH_ATTENTION_DETERMINISTIC=1, keep the dQ
+    kernel in a training call with dropout; without them dQ is summed with atomics (kernels.ATOMIC_DQ's default)."""
+    monkeypatch.setattr(kernels, "ATOMIC_DQ", "dropout")
+    launched = []
+    launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda kernel, *a, **kw: launched.append(kw.get("ATOMIC_DQ"))
+                        or launch(kernel, *a, **kw))
+    layer = _Layer(True).train()
+    forward = integration.hf_triton_attention_forward
+    if entry == "sparse":
+        layer.config.hf_flash_sparsity = {"pattern": "local", "block": 16, "window": 1}
+        forward = integration.hf_triton_sparse_attention_forward
+    query, key, value = (t.requires_grad_() for t in qkv(q_len=40, k_len=40))
+    for env, keyword, atomic in ((None, None, True), ("1", None, False), (None, True, False), ("1", False, True)):
+        if env is None:
+            monkeypatch.delenv("FLASH_ATTENTION_DETERMINISTIC", raising=False)
+        else:
+            monkeypatch.setenv("FLASH_ATTENTION_DETERMINISTIC", env)
+        launched.clear()
+        out, _ = forward(layer, query, key, value, None, dropout=0.3,
+                         **({} if keyword is None else {"deterministic": keyword}))
+        torch.autograd.grad(out.sum(), (query, key, value))
+        assert launched[-1] is atomic, (env, keyword, launched)
+
+
 def test_dropout_only_while_training():
     query, key, value = qkv(q_len=16, k_len=16)
     layer = _Layer(False).eval()
