@@ -145,8 +145,9 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0,
             lse +inf, and get zero gradient.
         deterministic: the backward gives bit-identical gradients for the same inputs (dK/dV are
             reduced over query heads inside one program, dQ in its own kernel, never with atomics).
-            Without it, a call with dropout sums dQ with fp32 atomics, as FlashAttention-2 does (the
-            mask is then drawn once: a 5-11% faster backward), so dQ's rounding varies from run to run.
+            Without it, a call with dropout (head dim <= 128; <= 64 in fp32) sums dQ with fp32
+            atomics, as FlashAttention-2 does (the mask is then drawn once: a 5-11% faster
+            backward), so dQ's rounding varies from run to run.
             torch.use_deterministic_algorithms(True) has the same effect; HF_FLASH_ATOMIC_DQ=0 turns
             the atomics off everywhere, =1 uses them without dropout too.
         return_lse: also return the log-sum-exp of the scaled scores (bias included, before dropout),

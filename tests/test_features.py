@@ -492,6 +492,11 @@ def test_atomic_dq(mode, dropout_p, monkeypatch):
             torch.use_deterministic_algorithms(False)
         atomic = not (deterministic or torch_deterministic)
         assert launched[1:] == [("_attn_bwd_dq", atomic, None), ("_attn_bwd_dkdv", None, atomic)], launched
+    # rows wider than 256 bytes (here head dim 160 in bf16, a 256-wide tile) keep the dQ kernel
+    launched.clear()
+    wide = [torch.randn(1, 20, 2, 160, device=DEVICE, dtype=BF16, requires_grad=True) for _ in range(3)]
+    torch.autograd.grad(hf_flash.flash_attn_func(*wide, dropout_p=0.2).float().sum(), wide)
+    assert launched[1:] == [("_attn_bwd_dq", False, None), ("_attn_bwd_dkdv", None, False)], launched
 
 
 @pytest.mark.parametrize("mode, dropout_p", [("1", 0.0), ("1", 0.2), ("dropout", 0.2)])

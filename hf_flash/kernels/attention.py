@@ -1308,7 +1308,10 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
     kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
     layout_kv, layout_q = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    atomic = not deterministic and (ATOMIC_DQ == "1" or (ATOMIC_DQ == "dropout" and dropout_p > 0.0))
+    # Atomics only where measured (rows up to 256 bytes: head dim 128 in 16 bits): beyond, the dK/dV kernel's fp32
+    # dQ tile does not fit shared memory next to its other buffers in the first 64 x 64 candidate (Triton 3.6).
+    atomic = not deterministic and q.element_size() * args["BLOCK_D"] <= 256 and (
+        ATOMIC_DQ == "1" or (ATOMIC_DQ == "dropout" and dropout_p > 0.0))
     # dQ first, which also stores delta for the dK/dV kernel; with atomics only delta, and the dK/dV kernel
     # adds each key block's dQ into an fp32 buffer that this launch zeroes (the dropout mask is then drawn once)
     delta = torch.empty_like(lse)
