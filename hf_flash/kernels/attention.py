@@ -73,7 +73,9 @@ def _prune(configs, named_args, **kwargs):
     kept = configs
     if row_bytes > 256:  # beyond fp16/bf16 headdim 128 or fp32 headdim 64
         max_tile = 128 * 64 if row_bytes <= 512 else 64 * 32
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile and c.num_stages <= 2]
+        # (queries, keys) dK/dV tiles also keep P and dS transposed in shared memory: half the tile
+        tile = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * (2 if c.kwargs.get("QK_ROWS") else 1)
+        kept = [c for c in configs if tile(c) <= max_tile and c.num_stages <= 2]
         kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     if args.get("SPARSE"):  # a kernel tile must lie inside one layout block
         fits = [c for c in kept if c.kwargs["BLOCK_M"] <= args["LAYOUT_BQ"] and c.kwargs["BLOCK_N"] <= args["LAYOUT_BK"]]
