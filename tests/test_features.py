@@ -358,7 +358,7 @@ def test_dropout_mask_statistics(dropout_p):
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 32), (16, 64), (64, 128), (32, 256)])
 def test_dropout_mask_same_for_every_tile_size(block_m, block_n, transposed):
     """The forward and backward kernels use different tiles, and the dK/dV kernel draws them transposed
-    (_dropout_keep_t, packed words through shared memory from 64 keys on); each must draw the same mask."""
+    (_dropout_keep_t: raw Philox words gathered across threads from 64 keys on); each must draw the same mask."""
     shape = (2, 3, 70, 300)
     seed = kernels.draw_dropout_seed(torch.device(DEVICE))
     ref = kernels.dropout_mask(seed, *shape, 0.3)

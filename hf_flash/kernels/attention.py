@@ -282,6 +282,21 @@ def _alibi(rows, cols, diag, slope2):
 
 
 @triton.jit
+def _philox_words(seed, rng_rows, groups):
+    """The four words of the Philox-4x32 calls (7 rounds) with counters (group, row), shape (rows, groups).
+    The counter goes in as a row and a column vector, so the first Philox round works on vectors."""
+    rows = rng_rows.to(tl.int64)
+    return tl.philox(seed, groups.to(tl.uint32)[None, :], (rows >> 32).to(tl.uint32)[:, None],
+                     rows.to(tl.uint32)[:, None], 0, 7)
+
+
+@triton.jit
+def _keep_threshold(dropout_p):
+    """t: an element is kept when its 16-bit draw is >= t (see _dropout_keep)."""
+    return tl.minimum(tl.math.ceil(dropout_p * 65536.0), 65535.0).to(tl.uint32)
+
+
+@triton.jit
 def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Philox keep mask of the (BLOCK_M query rows, BLOCK_N keys from start_n) tile.
 
@@ -302,20 +317,15 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
     dropout adds (the compare and the select per element remain; perf-notes.md). The tests are integer compares
     in place in the 32-bit word; an int-to-float conversion runs at a quarter of the ALU rate.
     """
-    rows = rng_rows.to(tl.int64)
-    row_hi, row_lo = (rows >> 32).to(tl.uint32)[:, None], rows.to(tl.uint32)[:, None]
-    t = tl.minimum(tl.math.ceil(dropout_p * 65536.0), 65535.0).to(tl.uint32)
-    # The counter goes in as a row and a column vector, so the first Philox round works on vectors.
+    t = _keep_threshold(dropout_p)
     if BLOCK_N >= 64:
-        groups = (start_n // 16 + tl.arange(0, BLOCK_N // 16)).to(tl.uint32)[None, :]
-        w0, w1, w2, w3 = tl.philox(seed, groups, row_hi, row_lo, 0, 7)
+        w0, w1, w2, w3 = _philox_words(seed, rng_rows, start_n // 16 + tl.arange(0, BLOCK_N // 16))
         keep = tl.join(tl.join(_word_keep(w0, t), _word_keep(w1, t)),
                        tl.join(_word_keep(w2, t), _word_keep(w3, t)))
         # (row, g // 4, g % 4, e, n % 2, w % 2, w // 2) -> key order (g // 4, w // 2, w % 2, n % 2, g % 4, e)
         keep = tl.permute(tl.reshape(keep, (BLOCK_M, BLOCK_N // 64, 4, 2, 2, 2, 2)), (0, 1, 6, 5, 4, 2, 3))
     else:  # part of a 64-key span: its call, and the words that hold this tile's keys
-        groups = (start_n // 64 * 4 + tl.arange(0, 4)).to(tl.uint32)[None, :]
-        w0, w1, w2, w3 = tl.philox(seed, groups, row_hi, row_lo, 0, 7)
+        w0, w1, w2, w3 = _philox_words(seed, rng_rows, start_n // 64 * 4 + tl.arange(0, 4))
         if BLOCK_N == 32:  # words 0, 1 or 2, 3
             second = (start_n // 32) % 2 == 1
             keep = tl.join(_word_keep(tl.where(second, w2, w0), t), _word_keep(tl.where(second, w3, w1), t))
@@ -346,11 +356,7 @@ def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, B
     if BLOCK_N < 64 or (BLOCK_N // 16) * BLOCK_M < 128:
         keep_t = tl.trans(_dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M, BLOCK_N))
     else:
-        rows = rng_rows.to(tl.int64)
-        row_hi, row_lo = (rows >> 32).to(tl.uint32)[:, None], rows.to(tl.uint32)[:, None]
-        t = tl.minimum(tl.math.ceil(dropout_p * 65536.0), 65535.0).to(tl.uint32)
-        groups = (start_n // 16 + tl.arange(0, BLOCK_N // 16)).to(tl.uint32)[None, :]
-        w0, w1, w2, w3 = tl.philox(seed, groups, row_hi, row_lo, 0, 7)
+        w0, w1, w2, w3 = _philox_words(seed, rng_rows, start_n // 16 + tl.arange(0, BLOCK_N // 16))
         # the call's words as columns 4 * g + 2 * (w % 2) + w // 2 of one (rows, BLOCK_N / 4) tensor
         words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (BLOCK_M, BLOCK_N // 4))
         # key k: call g = 4 * (k // 64) + (k % 8) // 2, word w = (k % 64) // 16, draw j = 2 * ((k // 8) % 2) + k % 2.
@@ -364,7 +370,7 @@ def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, B
         word = tl.reshape(word, (BLOCK_N, BLOCK_M))
         k = tl.arange(0, BLOCK_N)
         j = (2 * ((k // 8) % 2) + k % 2)[:, None]
-        keep_t = _draw16(word, j, INTERPRET) >= t
+        keep_t = _draw16(word, j, INTERPRET) >= _keep_threshold(dropout_p)
     return keep_t
 
 
