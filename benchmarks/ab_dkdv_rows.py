@@ -1,4 +1,4 @@
-"""EXPERIMENT (branch dkdv-rows): the dK/dV kernel's tile as (keys, queries), as on main, against (queries, keys).
+"""The dK/dV kernel's tile as (keys, queries) against (queries, keys) (kernels.DKDV_ROWS "0" against "1").
 
 For each shape: our forward at p = 0 and 0.1; our backward at p = 0 and 0.1 in both orientations
 (kernels.DKDV_ROWS "0" and "1", each tuned apart over the tiles in that orientation; dQ as by default:

@@ -89,7 +89,7 @@ def test_combined_with_causal_padding_dropout(extra):
 @pytest.mark.parametrize("rows", ["0", "1"])
 def test_atomic_dq(rows, monkeypatch):
     """kernels.ATOMIC_DQ: the block-sparse dK/dV kernel sums dQ with atomics over its kept query blocks; in both
-    orientations of its tiles (kernels.DKDV_ROWS, experiment), with a mask_mod rule and partial tiles."""
+    orientations of its tiles (kernels.DKDV_ROWS), with a mask_mod rule and partial tiles."""
     monkeypatch.setattr(kernels, "ATOMIC_DQ", "1")
     monkeypatch.setattr(kernels, "DKDV_ROWS", rows)
     monkeypatch.setattr(kernels, "_CHOSEN", {})  # the orientation is tuned: start from no tuned configs

@@ -499,11 +499,11 @@ def test_atomic_dq(mode, dropout_p, monkeypatch):
     assert launched[1:] == [("_attn_bwd_dq", False, None), ("_attn_bwd_dkdv", None, False)], launched
 
 
-@pytest.mark.parametrize("mode, dropout_p", [("1", 0.0), ("1", 0.2), ("dropout", 0.2)])
-def test_dkdv_rows(mode, dropout_p, monkeypatch):
-    """kernels.DKDV_ROWS (experiment): the dK/dV kernel's tiles as (queries, keys); same gradients as the reference,
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_dkdv_rows(dropout_p, monkeypatch):
+    """kernels.DKDV_ROWS = "1": the dK/dV kernel's tiles as (queries, keys); same gradients as the reference,
     dense (GQA, window, ALiBi, both paddings, lse gradient) and packed, with and without atomic dQ."""
-    monkeypatch.setattr(kernels, "DKDV_ROWS", mode)
+    monkeypatch.setattr(kernels, "DKDV_ROWS", "1")
     monkeypatch.setattr(kernels, "_CHOSEN", {})  # the orientation is tuned: start from no tuned configs
     monkeypatch.setattr(kernels, "_COMPILED", {})
     for kernel in (kernels._attn_fwd, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv):
@@ -520,6 +520,19 @@ def test_dkdv_rows(mode, dropout_p, monkeypatch):
     check_varlen(q, k, v, lens_q, lens_k, causal=True, dropout_p=dropout_p, lse_grad=True)
     chosen = [c.kwargs["QK_ROWS"] for key, c in kernels._CHOSEN.items() if key[0] is kernels._attn_bwd_dkdv]
     assert chosen and all(chosen), chosen
+
+
+@pytest.mark.parametrize("mode, dropout, expected", [("dropout", True, {False, True}), ("dropout", False, {False}),
+                                                     ("0", True, {False}), ("1", False, {True}),
+                                                     ("tune", False, {False, True})])
+def test_dkdv_rows_candidates(mode, dropout, expected, monkeypatch):
+    """Which dK/dV tile orientations the tuner may time: by default both with dropout, (keys, queries) without."""
+    monkeypatch.setattr(kernels, "DKDV_ROWS", mode)
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    monkeypatch.setattr(kernels, "INTERPRET", False)  # so _prune returns every candidate, not the first
+    kept = kernels._prune(kernels._attn_bwd_dkdv.configs, {"Q": torch.empty(0, dtype=FP16)}, BLOCK_D=64,
+                          DROPOUT=dropout)
+    assert {c.kwargs["QK_ROWS"] for c in kept} == expected
 
 
 # --- determinism and recomputation ----------------------------------------------------------------
