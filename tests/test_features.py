@@ -462,11 +462,9 @@ def test_varlen_dropout(case, dropout_p):
                  window_size=(50, -1), lse_grad=True)
 
 
-@pytest.mark.parametrize("mode, dropout_p", [("1", 0.3), ("1", 0.0), ("dropout", 0.2)])
-def test_atomic_dq(mode, dropout_p, monkeypatch):
-    """kernels.ATOMIC_DQ: the dK/dV kernel sums dQ with atomics (one launch); same gradients as the reference,
-    dense (GQA, window, ALiBi, both paddings, lse gradient) and packed."""
-    monkeypatch.setattr(kernels, "ATOMIC_DQ", mode)
+def _check_backward_paths(dropout_p):
+    """Gradients against the reference, dense (GQA, window, ALiBi, both paddings, lse gradient) and packed;
+    returns the packed q, k, v."""
     b, h, hk, sq, sk, d, dtype = (4, 8, 2, 1023, 1025, 64, BF16) if ON_GPU else (2, 3, 1, 64, 90, 32, FP32)
     q, k, v = _qkv(b, h, hk, sq, sk, d, dtype)
     check_dense(q, k, v, causal=True, window_size=(40, -1), alibi_slopes=_slopes("bh", b, h),
@@ -475,6 +473,15 @@ def test_atomic_dq(mode, dropout_p, monkeypatch):
     lens_q, lens_k = ([3, 1024, 1, 0, 1999], [600, 1024, 1, 5, 1999]) if ON_GPU else ([3, 64, 1, 0, 41], [60, 64, 1, 5, 41])
     q, k, v = _varlen_qkv(lens_q, lens_k, h, hk, d, dtype)
     check_varlen(q, k, v, lens_q, lens_k, causal=True, dropout_p=dropout_p, lse_grad=True)
+    return q, k, v
+
+
+@pytest.mark.parametrize("mode, dropout_p", [("1", 0.3), ("1", 0.0), ("dropout", 0.2)])
+def test_atomic_dq(mode, dropout_p, monkeypatch):
+    """kernels.ATOMIC_DQ: the dK/dV kernel sums dQ with atomics (one launch); same gradients as the reference,
+    dense (GQA, window, ALiBi, both paddings, lse gradient) and packed."""
+    monkeypatch.setattr(kernels, "ATOMIC_DQ", mode)
+    q, k, v = _check_backward_paths(dropout_p)
 
     # deterministic=True, or torch.use_deterministic_algorithms(True), computes dQ in the dQ kernel whatever
     # ATOMIC_DQ says (else that kernel only computes delta)
@@ -508,16 +515,9 @@ def test_dkdv_rows(dropout_p, monkeypatch):
     monkeypatch.setattr(kernels, "_COMPILED", {})
     for kernel in (kernels._attn_fwd, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv):
         monkeypatch.setattr(kernel, "cache", {})
-    b, h, hk, sq, sk, d, dtype = (4, 8, 2, 1023, 1025, 64, BF16) if ON_GPU else (2, 3, 1, 64, 90, 32, FP32)
     for atomic_dq in ("0", "dropout"):
         monkeypatch.setattr(kernels, "ATOMIC_DQ", atomic_dq)
-        q, k, v = _qkv(b, h, hk, sq, sk, d, dtype)
-        check_dense(q, k, v, causal=True, window_size=(40, -1), alibi_slopes=_slopes("bh", b, h),
-                    key_padding_mask=_padding_mask(b, sk, "left"), query_padding_mask=_padding_mask(b, sq, "random"),
-                    dropout_p=dropout_p, lse_grad=True)
-    lens_q, lens_k = ([3, 1024, 1, 0, 1999], [600, 1024, 1, 5, 1999]) if ON_GPU else ([3, 64, 1, 0, 41], [60, 64, 1, 5, 41])
-    q, k, v = _varlen_qkv(lens_q, lens_k, h, hk, d, dtype)
-    check_varlen(q, k, v, lens_q, lens_k, causal=True, dropout_p=dropout_p, lse_grad=True)
+        _check_backward_paths(dropout_p)
     chosen = [c.kwargs["QK_ROWS"] for key, c in kernels._CHOSEN.items() if key[0] is kernels._attn_bwd_dkdv]
     assert chosen and all(chosen), chosen
 
