@@ -1,4 +1,4 @@
-"""EXPERIMENT (branch dropout-16-draws): the dropout cost of our kernels next to SDPA-FA2's, in one run.
+"""The dropout cost of our kernels next to SDPA-FA2's, in one run, with dQ by its own kernel and by atomics.
 
 Forward p = 0 and 0.1; backward p = 0, p = 0.1 with the dQ kernel (ATOMIC_DQ=0) and p = 0.1 with dQ summed by the
 dK/dV kernel with atomics (ATOMIC_DQ=1); SDPA's flash backend at p = 0 and 0.1 as the control. fp16, medians of
