@@ -441,6 +441,21 @@ def _rule_keep(RULE, rows, cols, diag):
 
 
 @triton.jit
+def _keep(rows, cols, seq_k, diag, win_left, win_right, kpm_base, tile_addr, TILES, RULE,
+          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, HAS_TILES: tl.constexpr,
+          HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
+    """The element mask of a partial tile, for every kernel and orientation: _visible, then (block-sparse) the
+    layout block's element mask at tile_addr (_tile_keep) and the mask_mod rule (_rule_keep). rows and cols are
+    2-D broadcastable index tensors, (queries, 1) x (1, keys) or transposed."""
+    keep = _visible(rows, cols, seq_k, diag, win_left, win_right, kpm_base, HAS_LEFT, HAS_RIGHT, HAS_KPM)
+    if HAS_TILES:
+        keep = keep & _tile_keep(TILES, tl.load(tile_addr), rows, cols, LAYOUT_BQ, LAYOUT_BK)
+    if HAS_RULE:
+        keep = keep & _rule_keep(RULE, rows, cols, diag)
+    return keep
+
+
+@triton.jit
 def _key_blocks(first_row, seq_q, seq_k, diag, win_left, win_right, K_RANGE, off_b,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -520,13 +535,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
             if HAS_ALIBI:
                 qk += _alibi(rows[:, None], cols[None, :], diag, slope2)
             if MASK:
-                keep = _visible(rows[:, None], cols[None, :], seq_k, diag, win_left, win_right, kpm_base,
-                                HAS_LEFT, HAS_RIGHT, HAS_KPM)
-                if HAS_TILES:
-                    keep = keep & _tile_keep(TILES, tl.load(tile_ptr + start_n // LAYOUT_BK), rows[:, None],
-                                             cols[None, :], LAYOUT_BQ, LAYOUT_BK)
-                if HAS_RULE:
-                    keep = keep & _rule_keep(RULE, rows[:, None], cols[None, :], diag)
+                keep = _keep(rows[:, None], cols[None, :], seq_k, diag, win_left, win_right, kpm_base,
+                             tile_ptr + start_n // LAYOUT_BK, TILES, RULE, HAS_LEFT, HAS_RIGHT, HAS_KPM,
+                             HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK)
                 qk = tl.where(keep, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead of -inf
@@ -685,12 +696,9 @@ def _bwd_dkdv_rows(dk, dv, k, v, it, start_n, q_base, do_base, lse_base, delta_b
         s += _alibi(rows[:, None], cols[None, :], diag, slope2)
     p = tl.math.exp2(s - lse2[:, None])
     if MASK:
-        keep = _visible(rows[:, None], cols[None, :], seq_k, diag, win_left, win_right, 0, HAS_LEFT, HAS_RIGHT, False)
-        if HAS_TILES:
-            keep = keep & _tile_keep(TILES, tl.load(tile_ptr + start_m // LAYOUT_BQ * tile_stride), rows[:, None],
-                                     cols[None, :], LAYOUT_BQ, LAYOUT_BK)
-        if HAS_RULE:
-            keep = keep & _rule_keep(RULE, rows[:, None], cols[None, :], diag)
+        keep = _keep(rows[:, None], cols[None, :], seq_k, diag, win_left, win_right, 0,
+                     tile_ptr + start_m // LAYOUT_BQ * tile_stride, TILES, RULE, HAS_LEFT, HAS_RIGHT, False,
+                     HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK)
         p = tl.where(keep, p, 0.0)
     if HAS_KPM:
         p = tl.where(key_kept[None, :], p, 0.0)
@@ -747,13 +755,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
                 s_t += _alibi(rows[None, :], cols[:, None], diag, slope2)
             p_t = tl.math.exp2(s_t - lse2[None, :])
             if MASK:
-                keep = _visible(rows[None, :], cols[:, None], seq_k, diag, win_left, win_right, 0,
-                                HAS_LEFT, HAS_RIGHT, False)
-                if HAS_TILES:
-                    keep = keep & _tile_keep(TILES, tl.load(tile_ptr + start_m // LAYOUT_BQ * tile_stride), rows[None, :],
-                                             cols[:, None], LAYOUT_BQ, LAYOUT_BK)
-                if HAS_RULE:
-                    keep = keep & _rule_keep(RULE, rows[None, :], cols[:, None], diag)
+                keep = _keep(rows[None, :], cols[:, None], seq_k, diag, win_left, win_right, 0,
+                             tile_ptr + start_m // LAYOUT_BQ * tile_stride, TILES, RULE, HAS_LEFT, HAS_RIGHT, False,
+                             HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK)
                 p_t = tl.where(keep, p_t, 0.0)
             if HAS_KPM:
                 p_t = tl.where(key_kept[:, None], p_t, 0.0)
@@ -929,13 +933,9 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
             s += _alibi(rows[:, None], cols[None, :], diag, slope2)
         p = tl.math.exp2(s - lse2[:, None])
         if MASK:
-            keep = _visible(rows[:, None], cols[None, :], seq_k, diag, win_left, win_right, kpm_base,
-                            HAS_LEFT, HAS_RIGHT, HAS_KPM)
-            if HAS_TILES:
-                keep = keep & _tile_keep(TILES, tl.load(tile_ptr + start_n // LAYOUT_BK), rows[:, None],
-                                         cols[None, :], LAYOUT_BQ, LAYOUT_BK)
-            if HAS_RULE:
-                keep = keep & _rule_keep(RULE, rows[:, None], cols[None, :], diag)
+            keep = _keep(rows[:, None], cols[None, :], seq_k, diag, win_left, win_right, kpm_base,
+                         tile_ptr + start_n // LAYOUT_BK, TILES, RULE, HAS_LEFT, HAS_RIGHT, HAS_KPM,
+                         HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(_mm(do, INTERPRET), _mm(tl.trans(v), INTERPRET), input_precision=PRECISION)
         if DROPOUT:
