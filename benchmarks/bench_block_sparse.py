@@ -4,14 +4,15 @@
     python benchmarks/bench_block_sparse.py --quick       # the 4096 cases only
     python benchmarks/bench_block_sparse.py --cases bigbird butterfly --seqlens 16384
     python benchmarks/bench_block_sparse.py --cpu-check   # no GPU: build every layout and its BlockMask, compare
+    python benchmarks/bench_block_sparse.py --sweep 16384 # kernel time against kept blocks per row (banded layouts)
 
 bf16, batch 1, 12 heads, headdim 64, block size 128. Flex gets a BlockMask built from the layout's own
 CSR lists (BlockMask.from_kv_blocks) with the element predicate as a pure index function; before
 timing, the BlockMask's blocks and elements are compared with the layout's, and the outputs and
 gradients of both kernels with each other. Our kernels are retuned for every case
 (kernels.attention.reset_tuning), as a model using that one layout would tune them. Predicted = dense
-hf_flash time x block density (target: actual / predicted <= 1.25); Flex / ours > 1 means hf_flash is
-faster (target >= 1.0). Times are triton.testing.do_bench medians of a call (the backward: autograd.grad on a
+hf_flash time x block density (target: actual / predicted <= 1.25; the same ratio for Flex against dense Flex
+is reported too); Flex / ours > 1 means hf_flash is faster (target >= 1.0). Times are triton.testing.do_bench medians of a call (the backward: autograd.grad on a
 retained graph), so at small sizes they hold host latency too; a second table gives each pass's GPU kernel time
 alone (torch.profiler), and the configs our kernels were tuned to.
 Writes <out-dir>/<name>.{json,md,png} (default name bench_block_sparse; JSON after every case) and
@@ -64,7 +65,7 @@ CASES = {
                   lambda n, layout: kept_block_mask_mod(layout), (16384, 65536)),
 }
 OURS, FLEX = "hf_flash", "flex"
-DENSE = ["dense_hf_flash", "dense_sdpa_flash", "dense_hf_flash_causal"]
+DENSE = ["dense_hf_flash", "dense_sdpa_flash", "dense_flex", "dense_hf_flash_causal"]
 
 
 def block_mask_of(layout, mask_mod):
@@ -148,7 +149,8 @@ def bench_case(key, n, flex, dense_cache):
                FLEX: (lambda q, k, v: flex(q, k, v, block_mask=block_mask), (qt, kt, vt))}
     row["max_diff"], row["errors"]["max_diff"] = attempt(lambda: max_diffs(methods, torch.randn_like(q)))
     dense = {"dense_hf_flash": (lambda q, k, v: hf_flash.flash_attn_func(q, k, v), (q, k, v)),
-             "dense_sdpa_flash": (lambda q, k, v: sdpa(q, k, v, False, "FLASH_ATTENTION"), (qt, kt, vt))}
+             "dense_sdpa_flash": (lambda q, k, v: sdpa(q, k, v, False, "FLASH_ATTENTION"), (qt, kt, vt)),
+             "dense_flex": (lambda q, k, v: flex(q, k, v), (qt, kt, vt))}
     if key == "causal":
         dense["dense_hf_flash_causal"] = (lambda q, k, v: hf_flash.flash_attn_func(q, k, v, causal=True), (q, k, v))
     for name, (fn, inputs) in {**methods, **dense}.items():
@@ -172,6 +174,10 @@ def bench_case(key, n, flex, dense_cache):
         predicted = dense_ms * row["density"] if dense_ms else None
         row[f"{pas}_predicted_ms"] = predicted
         row[f"{pas}_actual_over_predicted"] = ours / predicted if ours and predicted else None
+        # the same ratio for Flex against its own dense time: how far block sparsity pays off there
+        flex_dense = row[f"{pas}_ms"].get("dense_flex")
+        row[f"{pas}_flex_actual_over_predicted"] = (flex_ms / (flex_dense * row["density"])
+                                                    if flex_ms and flex_dense else None)
         row[f"{pas}_flex_over_ours"] = flex_ms / ours if ours and flex_ms else None
     return row
 
@@ -190,17 +196,18 @@ def markdown(results):
     lines = [f"# Block-sparse attention: {env['gpu']}", "",
              f"torch {env['torch']}, triton {env['triton']}, hf_flash {env['hf_flash']}; {env['date']}. bf16, batch "
              f"{BATCH}, {HEADS} heads, hd {HEADDIM}, block 128. ms fwd / bwd (median). predicted = dense hf_flash × "
-             "density (target actual ÷ predicted ≤ 1.25); Flex ÷ ours > 1: hf_flash faster (target ≥ 1.0). diff: "
+             "density (target actual ÷ predicted ≤ 1.25; Flex's own: Flex ÷ (dense Flex × density)); Flex ÷ ours > 1: hf_flash faster (target ≥ 1.0). diff: "
              "max |out ours − out Flex| / max relative gradient difference. — = failed (see the JSON).", "",
-             "| mask | N | density | hf_flash | Flex | dense hf_flash | dense SDPA flash | dense hf_flash causal "
-             "| actual ÷ predicted | Flex ÷ ours | mask check | diff |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "| mask | N | density | hf_flash | Flex | dense hf_flash | dense SDPA flash | dense Flex | dense hf_flash "
+             "causal | actual ÷ predicted | Flex's own | Flex ÷ ours | mask check | diff |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in results["rows"]:
         check = (r.get("mask_check") or {}).get("ok")
         diff = r.get("max_diff") or {}
         lines.append(f"| {r['title']} | {r['seqlen']} | {fmt(r['density'], '.3f')} | "
                      + " | ".join(ms(r, m) for m in [OURS, FLEX] + DENSE) +
-                     f" | {pair(r, 'actual_over_predicted')} | {pair(r, 'flex_over_ours', suffix='×')} "
+                     f" | {pair(r, 'actual_over_predicted')} | {pair(r, 'flex_actual_over_predicted')} "
+                     f"| {pair(r, 'flex_over_ours', suffix='×')} "
                      f"| {'ok' if check else 'MISMATCH' if check is False else '—'} "
                      f"| {fmt(diff.get('out'), '.1e')} / {fmt(diff.get('grad_rel'), '.1e')} |")
     lines += ["", "GPU kernel time alone (torch.profiler, the pass's kernels summed; no host latency: what a pass costs "
@@ -238,6 +245,55 @@ def plot(rows, path):
     print(f"wrote {path}", flush=True)
 
 
+def density_sweep(flex, n, half_widths=(0, 1, 2, 4, 8, 16, 32, 63)):
+    """Kernel time (profiler) against the number of kept blocks per query block, for banded layouts of whole
+    (full) blocks, ours and Flex, and a least-squares line t = fixed + per_block * kept: the fixed part is what a
+    program costs whatever it visits, and what keeps sparse times above dense × density at low density."""
+    blocks = -(-n // 128)
+    rows = []
+    for w in half_widths:
+        attention_kernels.reset_tuning()
+        i = torch.arange(blocks, device=DEVICE)
+        layout = layouts.from_dense((i[:, None] - i[None, :]).abs() <= w, seqlen_q=n, seqlen_k=n)
+        block_mask = block_mask_of(layout, kept_block_mask_mod(layout))
+        q, k, v = (torch.randn(BATCH, n, HEADS, HEADDIM, device=DEVICE, dtype=DTYPE, requires_grad=True)
+                   for _ in range(3))
+        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        row = {"half_width": w, "kept_per_row": layout.density * blocks, "density": layout.density}
+        row[OURS] = kernel_ms(lambda q, k, v: hf_flash.block_sparse_attn_func(q, k, v, layout), (q, k, v))
+        row[FLEX] = kernel_ms(lambda q, k, v: flex(q, k, v, block_mask=block_mask), (qt, kt, vt))
+        rows.append(row)
+        print(f"sweep N={n} half width {w}: {row}", flush=True)
+    fits = {}
+    x = torch.tensor([r["kept_per_row"] for r in rows], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(x), x], 1)
+    for method in (OURS, FLEX):
+        for j, pas in enumerate(("fwd", "bwd")):
+            y = torch.tensor([r[method][j] for r in rows], dtype=torch.float64)
+            fixed, per_block = torch.linalg.lstsq(design, y[:, None]).solution[:, 0].tolist()
+            fits[f"{method}_{pas}"] = {"fixed_ms": fixed, "per_block_ms": per_block,
+                                       "fixed_share_at_dense": fixed / (fixed + per_block * blocks)}
+    return {"seqlen": n, "rows": rows, "fits": fits}
+
+
+def sweep_markdown(sweep, env):
+    n, rows, fits = sweep["seqlen"], sweep["rows"], sweep["fits"]
+    lines = [f"# Block-sparse time against kept blocks: {env['gpu']}", "",
+             f"torch {env['torch']}, triton {env['triton']}; {env['date']}. bf16, batch {BATCH}, {HEADS} heads, hd "
+             f"{HEADDIM}, N {n}, block 128, banded layouts of full blocks (|i − j| ≤ w blocks). GPU kernel ms "
+             "(torch.profiler), fwd / bwd.", "",
+             "| w | kept blocks per row | density | hf_flash | Flex |", "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['half_width']} | {r['kept_per_row']:.2f} | {r['density']:.3f} | "
+                     f"{r[OURS][0]:.3f} / {r[OURS][1]:.3f} | {r[FLEX][0]:.3f} / {r[FLEX][1]:.3f} |")
+    lines += ["", "Least-squares line t = fixed + per block × kept blocks per row (ms):", "",
+              "| kernel | fixed | per kept block | fixed ÷ dense time |", "|---|---:|---:|---:|"]
+    for name, f in fits.items():
+        lines.append(f"| {name.replace('_', ' ')} | {f['fixed_ms']:.4f} | {f['per_block_ms']:.5f} | "
+                     f"{f['fixed_share_at_dense']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def cpu_check(n=1024):
     """Every layout and its BlockMask on the CPU: same blocks and elements; eager Flex vs the reference."""
     ok = True
@@ -263,6 +319,8 @@ def main(argv=None):
     p.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks")
     p.add_argument("--name", default="bench_block_sparse", help="output file stem: <out-dir>/<name>.{json,md,png}")
     p.add_argument("--cpu-check", action="store_true", help="no timing: check layouts vs Flex BlockMasks on the CPU")
+    p.add_argument("--sweep", type=int, metavar="N", help="instead: kernel time against kept blocks per row at length N, "
+                   "banded layouts, ours and Flex (writes <name>_sweep.{json,md})")
     args = p.parse_args(argv)
     if args.cpu_check:
         cpu_check()
@@ -287,6 +345,13 @@ def main(argv=None):
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / args.name  # + .json, .md, .png
     print(f"{results['env']['gpu']} | torch {results['env']['torch']} | triton {results['env']['triton']}", flush=True)
+    if args.sweep:
+        sweep = density_sweep(flex, args.sweep)
+        Path(f"{out}_sweep.json").write_text(json.dumps({"env": results["env"], **sweep}, indent=1))
+        md = sweep_markdown(sweep, results["env"])
+        Path(f"{out}_sweep.md").write_text(md)
+        print(md, flush=True)
+        return
     for i, (key, n) in enumerate(grid, 1):
         torch.manual_seed(0)
         row, err = attempt(lambda: bench_case(key, n, flex, dense_cache))
