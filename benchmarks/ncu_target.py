@@ -1,0 +1,56 @@
+"""A target for Nsight Compute: one launch of our tuned dense forward and one of cuDNN's, inside NVTX range "prof".
+
+    ncu --nvtx --nvtx-include "prof/" --section SpeedOfLight --section ComputeWorkloadAnalysis \\
+        --section Occupancy --section LaunchStats --section WarpStateStats --section InstructionStats \\
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio" \\
+        python benchmarks/ncu_target.py --headdim 128 --config 64x64w4s3
+
+B4 N4096 fp16, nheads x headdim = 2048, not causal. --config keeps one forward candidate (MxNwWsS): under
+ncu every launch is replayed and serialised, so the autotuner's timings, and its choice, are not the real ones.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+import hf_flash  # noqa: E402
+from hf_flash.kernels import attention as A  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--headdim", type=int, default=128)
+    p.add_argument("--config", help="the one forward config to keep, e.g. 64x64w4s3 (default: let the tuner pick)")
+    args = p.parse_args(argv)
+    if args.config:
+        m, n, w, s = (int(x) for x in args.config.replace("x", " ").replace("w", " ").replace("s", " ").split())
+        A._attn_fwd.configs = [c for c in A._attn_fwd.configs
+                               if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (m, n, w, s)]
+        if len(A._attn_fwd.configs) != 1:
+            raise SystemExit(f"--config {args.config}: not one of the forward candidates")
+        A.reset_tuning()
+    q, k, v = (torch.randn(4, 4096, 2048 // args.headdim, args.headdim, device="cuda", dtype=torch.float16)
+               for _ in range(3))
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt)
+
+    for _ in range(3):  # tune and warm up outside the profiled range
+        hf_flash.flash_attn_func(q, k, v)
+        cudnn()
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_push("prof")
+    hf_flash.flash_attn_func(q, k, v)
+    cudnn()
+    torch.cuda.nvtx.range_pop()
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
