@@ -12,8 +12,8 @@ timing, the BlockMask's blocks and elements are compared with the layout's, and 
 gradients of both kernels with each other. Our kernels are retuned for every case
 (kernels.attention.reset_tuning), as a model using that one layout would tune them. Predicted = dense
 hf_flash time x block density (target: actual / predicted <= 1.25; the same ratio for Flex against dense Flex
-is reported too); Flex / ours > 1 means hf_flash is faster (target >= 1.0). Times are triton.testing.do_bench medians of a call (the backward: autograd.grad on a
-retained graph), so at small sizes they hold host latency too; a second table gives each pass's GPU kernel time
+is reported too); Flex / ours > 1 means hf_flash is faster (target >= 1.0). Times are triton.testing.do_bench
+medians of a call (the backward: autograd.grad on a retained graph), so at small sizes they hold host latency too; a second table gives each pass's GPU kernel time
 alone (torch.profiler), and the configs our kernels were tuned to.
 Writes <out-dir>/<name>.{json,md,png} (default name bench_block_sparse; JSON after every case) and
 prints the table last.
@@ -248,7 +248,7 @@ def plot(rows, path):
 def density_sweep(flex, n, half_widths=(0, 1, 2, 4, 8, 16, 32, 63)):
     """Kernel time (profiler) against the number of kept blocks per query block, for banded layouts of whole
     (full) blocks, ours and Flex, and a least-squares line t = fixed + per_block * kept: the fixed part is what a
-    program costs whatever it visits, and what keeps sparse times above dense × density at low density."""
+    launch costs whatever it visits, and what keeps sparse times above dense × density at low density."""
     blocks = -(-n // 128)
     rows = []
     for w in half_widths:
@@ -287,7 +287,7 @@ def sweep_markdown(sweep, env):
         lines.append(f"| {r['half_width']} | {r['kept_per_row']:.2f} | {r['density']:.3f} | "
                      f"{r[OURS][0]:.3f} / {r[OURS][1]:.3f} | {r[FLEX][0]:.3f} / {r[FLEX][1]:.3f} |")
     lines += ["", "Least-squares line t = fixed + per block × kept blocks per row (ms):", "",
-              "| kernel | fixed | per kept block | fixed ÷ dense time |", "|---|---:|---:|---:|"]
+              "| kernel | fixed | per kept block | fixed ÷ line at every block kept |", "|---|---:|---:|---:|"]
     for name, f in fits.items():
         lines.append(f"| {name.replace('_', ' ')} | {f['fixed_ms']:.4f} | {f['per_block_ms']:.5f} | "
                      f"{f['fixed_share_at_dense']:.3f} |")
