@@ -13,8 +13,9 @@ gradients of both kernels with each other. Our kernels are retuned for every cas
 (kernels.attention.reset_tuning), as a model using that one layout would tune them. Predicted = dense
 hf_flash time x block density (target: actual / predicted <= 1.25; the same ratio for Flex against dense Flex
 is reported too); Flex / ours > 1 means hf_flash is faster (target >= 1.0). Times are triton.testing.do_bench
-medians of a call (the backward: autograd.grad on a retained graph), so at small sizes they hold host latency too; a second table gives each pass's GPU kernel time
-alone (torch.profiler), and the configs our kernels were tuned to.
+medians of a call (the backward: autograd.grad on a retained graph), so at small sizes they hold host latency
+too; a second table gives each pass's GPU kernel time alone (torch.profiler), and the configs our kernels were
+tuned to.
 Writes <out-dir>/<name>.{json,md,png} (default name bench_block_sparse; JSON after every case) and
 prints the table last.
 """
