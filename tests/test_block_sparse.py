@@ -6,8 +6,12 @@ Same rule as the dense kernels (test_features._check): out, dq, dk, dv within 2x
 empty rows output 0 with lse +inf, keys nobody sees get dk = dv = 0.
 """
 
+import random
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import DEVICE, ON_GPU, assert_compiled_matches
 from test_features import BF16, FP16, FP32, _check, _padding_mask, _pick, _qkv
 
@@ -211,6 +215,52 @@ def test_element_rules_equal_the_mask_mod_in_partial_blocks(name, sq, sk):
     partial = layout.to_dense("partial")[0, 0].repeat_interleave(16, 0).repeat_interleave(16, 1)[:sq, :sk]
     elements = layout.to_dense_elements()[0, 0]
     assert torch.equal(rule & partial, elements & partial)
+
+
+@triton.jit
+def _rule_trim_probe(OUT, IDX, RULE, lo, hi, fixed_lo, fixed_hi, diag, KEYS: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    lo, hi = kernels._rule_trim(lo, hi, IDX, RULE, fixed_lo, fixed_hi, diag, KEYS, LAYOUT_BLOCK, BLOCK)
+    tl.store(OUT, lo)
+    tl.store(OUT + 1, hi)
+
+
+@pytest.mark.parametrize("keys", [True, False])
+def test_rule_trim_drops_exactly_the_wholly_masked_end_tiles(keys):
+    """The partial-block loops start and end past the tiles the rule masks whole: as many as there are at each
+    end (at most a layout block's worth), and never a tile that keeps an element."""
+    rng = random.Random(0)
+    layout_block, block, n_blocks = 64, 16, 6
+    per_block = layout_block // block
+    trimmed = 0
+    for _ in range(60):
+        left, right = rng.choice([0, 3, 40, 100, 2**30]), rng.choice([0, 5, 30, 2**30])
+        rule = (left, right, rng.choice([0, 0, 7]))
+        listed = sorted(rng.sample(range(n_blocks), rng.randint(1, n_blocks)))
+        diag = rng.choice([0, 13, -21])
+        fixed_lo = rng.randrange(0, n_blocks * layout_block - block)
+        fixed = (fixed_lo, fixed_lo + block - 1)
+        lo, hi = 0, len(listed) * layout_block
+
+        def visits(start):  # brute force over the tile's elements
+            queries, keys_ = range(fixed[0], fixed[1] + 1), range(start, start + block)
+            if not keys:
+                queries, keys_ = keys_, queries
+            return any(-rule[0] <= j - i - diag <= rule[1] or i < rule[2] or j < rule[2] for i in queries for j in keys_)
+        starts = [listed[it // block // per_block] * layout_block + it // block % per_block * block
+                  for it in range(lo, hi, block)]
+        front = min(next((n for n, s in enumerate(starts) if visits(s)), len(starts)), per_block)
+        rest = starts[front:]
+        back = min(next((n for n, s in enumerate(reversed(rest)) if visits(s)), len(rest)), per_block)
+        expected = (lo + front * block, hi - back * block)
+        trimmed += front + back > 0
+        out = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+        idx = torch.tensor(listed + [0] * (n_blocks - len(listed)), dtype=torch.int32, device=DEVICE)
+        _rule_trim_probe[(1,)](out, idx, torch.tensor(rule, dtype=torch.int32, device=DEVICE), lo, hi, *fixed, diag,
+                               keys, layout_block, block)
+        assert tuple(out.tolist()) == expected, (rule, listed, diag, fixed)
+        assert not any(visits(s) for s in starts[:(expected[0] - lo) // block] + starts[(expected[1] - lo) // block:])
+    assert trimmed > 10  # the cases exercise trimming
 
 
 def test_window_intersected_with_global_tokens_falls_back_to_tiles():

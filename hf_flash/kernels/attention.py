@@ -441,6 +441,44 @@ def _rule_keep(RULE, rows, cols, diag):
 
 
 @triton.jit
+def _rule_visits(RULE, row_lo, row_hi, col_lo, col_hi, diag):
+    """Whether the rule (_rule_keep) keeps any element of queries [row_lo, row_hi] x keys [col_lo, col_hi]: their
+    offsets span [col_lo - row_hi, col_hi - row_lo] - diag."""
+    n_global = tl.load(RULE + 2)
+    return (((col_hi - row_lo - diag >= -tl.load(RULE)) & (col_lo - row_hi - diag <= tl.load(RULE + 1)))
+            | (row_lo < n_global) | (col_lo < n_global))
+
+
+@triton.jit
+def _rule_trim(lo, hi, idx_ptr, RULE, fixed_lo, fixed_hi, diag, KEYS: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """Narrows a loop over partial layout blocks, [lo, hi), by the tiles at either end that the rule masks whole
+    (_rule_visits false): in a window, the far side of its edge block and the part of the diagonal block above
+    the diagonal. Such a tile would be computed to zeros. Only the ends are trimmed, before the loop: a branch
+    around a tile's work inside the loop stops Triton from pipelining its loads (Triton 3.6). KEYS: the loop
+    walks key tiles and [fixed_lo, fixed_hi] are the program's queries (forward, dQ); else the reverse (dK/dV)."""
+    for end in tl.static_range(2):
+        going = lo < hi
+        for _ in tl.static_range(LAYOUT_BLOCK // BLOCK):
+            if end == 0:
+                it = lo
+            else:
+                it = hi - BLOCK
+            # clamped into the listed blocks: once lo meets hi the load is unused but must stay in bounds
+            start = _block_start(tl.maximum(tl.minimum(it, hi - BLOCK), 0), idx_ptr, True, LAYOUT_BLOCK, BLOCK)
+            if KEYS:
+                visits = _rule_visits(RULE, fixed_lo, fixed_hi, start, start + BLOCK - 1, diag)
+            else:
+                visits = _rule_visits(RULE, start, start + BLOCK - 1, fixed_lo, fixed_hi, diag)
+            going = going & (lo < hi) & (visits == 0)
+            if end == 0:
+                lo = tl.where(going, lo + BLOCK, lo)
+            else:
+                hi = tl.where(going, hi - BLOCK, hi)
+    return lo, hi
+
+
+@triton.jit
 def _keep(rows, cols, seq_k, diag, win_left, win_right, kpm_base, tile_addr, TILES, RULE,
           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, HAS_TILES: tl.constexpr,
           HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
@@ -524,6 +562,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
                SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
                LAYOUT_BK: tl.constexpr):
+    if HAS_RULE:
+        lo, hi = _rule_trim(lo, hi, idx_ptr, RULE, tl.min(rows, 0), tl.max(rows, 0), diag, True, LAYOUT_BK, BLOCK_N)
     for it in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BK, BLOCK_N), BLOCK_N)
         cols = start_n + offs_n
@@ -734,6 +774,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
                     SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
                     LAYOUT_BK: tl.constexpr, ATOMIC_DQ: tl.constexpr, QK_ROWS: tl.constexpr):
     inv_keep = 1.0 / (1.0 - dropout_p)
+    if HAS_RULE:
+        lo, hi = _rule_trim(lo, hi, idx_ptr, RULE, start_n, start_n + cols.shape[0] - 1, diag, False, LAYOUT_BQ,
+                            BLOCK_M)
     for it in range(lo, hi, BLOCK_M):
         if QK_ROWS:  # the forward's orientation (see _bwd_dkdv_rows)
             dk, dv = _bwd_dkdv_rows(dk, dv, k, v, it, start_n, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm,
@@ -920,6 +963,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
                   SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
                   LAYOUT_BK: tl.constexpr):
     inv_keep = 1.0 / (1.0 - dropout_p)
+    if HAS_RULE:
+        lo, hi = _rule_trim(lo, hi, idx_ptr, RULE, tl.min(rows, 0), tl.max(rows, 0), diag, True, LAYOUT_BK, BLOCK_N)
     for it in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BK, BLOCK_N), BLOCK_N)
         cols = start_n + offs_n
