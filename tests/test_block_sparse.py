@@ -12,7 +12,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICE, ON_GPU, assert_compiled_matches
+from conftest import DEVICE, ON_GPU, assert_compiled_matches, fresh_tuning
 from test_features import BF16, FP16, FP32, _check, _padding_mask, _pick, _qkv
 
 import hf_flash
@@ -96,10 +96,7 @@ def test_atomic_dq(rows, monkeypatch):
     orientations of its tiles (kernels.DKDV_ROWS), with a mask_mod rule and partial tiles."""
     monkeypatch.setattr(kernels, "ATOMIC_DQ", "1")
     monkeypatch.setattr(kernels, "DKDV_ROWS", rows)
-    monkeypatch.setattr(kernels, "_CHOSEN", {})  # the orientation is tuned: start from no tuned configs
-    monkeypatch.setattr(kernels, "_COMPILED", {})
-    for kernel in (kernels._attn_fwd, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv):
-        monkeypatch.setattr(kernel, "cache", {})
+    fresh_tuning(monkeypatch)  # the orientation is tuned: start from no tuned configs
     b, h, hk, sq, sk, d, bs, dtype = _pick([(2, 2, 1, 60, 75, 32, 32, FP32)], [(2, 8, 2, 1500, 1700, 64, 128, BF16)])[0]
     layout = LAYOUTS["bigbird-per-head"](sq, sk, bs, b, h)
     check_sparse(*_qkv(b, h, hk, sq, sk, d, dtype), layout, causal=True, dropout_p=0.3, lse_grad=True,

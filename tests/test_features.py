@@ -17,7 +17,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICE, ON_GPU, assert_close_2x
+from conftest import DEVICE, ON_GPU, assert_close_2x, fresh_tuning
 
 import hf_flash
 from hf_flash.kernels import attention as kernels
@@ -511,10 +511,7 @@ def test_dkdv_rows(dropout_p, monkeypatch):
     """kernels.DKDV_ROWS = "1": the dK/dV kernel's tiles as (queries, keys); same gradients as the reference,
     dense (GQA, window, ALiBi, both paddings, lse gradient) and packed, with and without atomic dQ."""
     monkeypatch.setattr(kernels, "DKDV_ROWS", "1")
-    monkeypatch.setattr(kernels, "_CHOSEN", {})  # the orientation is tuned: start from no tuned configs
-    monkeypatch.setattr(kernels, "_COMPILED", {})
-    for kernel in (kernels._attn_fwd, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv):
-        monkeypatch.setattr(kernel, "cache", {})
+    fresh_tuning(monkeypatch)  # the orientation is tuned: start from no tuned configs
     for atomic_dq in ("0", "dropout"):
         monkeypatch.setattr(kernels, "ATOMIC_DQ", atomic_dq)
         _check_backward_paths(dropout_p)

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, assert_close_2x, assert_compiled_matches
+from conftest import DEVICE, ON_GPU, assert_close_2x, assert_compiled_matches, fresh_tuning
 
 import hf_flash
 from hf_flash.kernels import attention as kernels
@@ -270,12 +270,9 @@ def test_every_config_is_exact(index, head_dim, dtype, monkeypatch):
     """Each autotuning candidate computes the same function, whichever the tuner picks."""
     monkeypatch.setattr(kernels, "AUTOTUNE", True)
     monkeypatch.setattr(kernels, "DKDV_ROWS", "tune")  # the dK/dV tiles in both orientations
-    monkeypatch.setattr(kernels, "_CHOSEN", {})
-    monkeypatch.setattr(kernels, "_COMPILED", {})
-    for kernel in (kernels._attn_fwd, kernels._attn_bwd_dkdv, kernels._attn_bwd_dq):
+    for kernel in fresh_tuning(monkeypatch):
         configs = kernels._prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=head_dim)
         monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])
-        monkeypatch.setattr(kernel, "cache", {})
     for causal in (False, True):
         check_against_reference(*_qkv(2, 4, 2, 333, 301, head_dim, dtype), causal)
 
@@ -291,11 +288,8 @@ def test_autotuner_times_every_config_on_the_gpu(atomic_dq, monkeypatch):
     median, low, high = kernels._time_config(lambda: x.mul_(1.0), None)
     assert 0 < low <= median <= high < 1.0  # ms; a 4 MB in-place multiply takes microseconds
     monkeypatch.setattr(kernels, "AUTOTUNE", True)
-    monkeypatch.setattr(kernels, "_CHOSEN", {})
-    monkeypatch.setattr(kernels, "_COMPILED", {})
-    tuners = (kernels._attn_fwd, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv)
+    tuners = fresh_tuning(monkeypatch)
     for kernel in tuners:
-        monkeypatch.setattr(kernel, "cache", {})
         monkeypatch.setattr(kernel, "configs_timings", None, raising=False)
     check_against_reference(*_qkv(2, 3, 3, 517, 517, 64, torch.bfloat16), True)
     assert {key[0] for key in kernels._CHOSEN} == set(tuners)

@@ -33,7 +33,7 @@ AUTOTUNE = os.environ.get("HF_FLASH_AUTOTUNE", "1") not in ("", "0")
 ATOMIC_DQ = os.environ.get("HF_FLASH_ATOMIC_DQ", "dropout")
 if ATOMIC_DQ not in ("0", "dropout", "1"):
     raise ValueError(f"HF_FLASH_ATOMIC_DQ must be 0, dropout or 1, got {ATOMIC_DQ!r}")
-# The dK/dV kernel's tile orientation (QK_ROWS, a tuned parameter; see _bwd_dkdv_rows): (keys, queries) or, like
+# The dK/dV kernel's tile orientation (QK_ROWS, a tuned parameter; see _bwd_dkdv_inner): (keys, queries) or, like
 # the forward, (queries, keys). H200, B4 N4096 d64 p = 0.1: (queries, keys) 0.84-0.85x the backward time, since the
 # dropout mask is then drawn in place; but 1.15x at d128 with dropout and 1.05-1.24x on every shape without dropout.
 # So "dropout" (default): with dropout the tuner times both orientations, without it only (keys, queries);
@@ -91,7 +91,7 @@ _FWD_CONFIGS = _configs([
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
     (64, 128, 4, 3),  # GPT-2 small's 4K step (B2 H12 d64 causal, dropout): 4% faster than any other (H200)
 ])
-_BWD_DKDV_TILES = [  # BLOCK_M walks queries, BLOCK_N is the resident K/V tile; QK_ROWS: see _bwd_dkdv_rows
+_BWD_DKDV_TILES = [  # BLOCK_M walks queries, BLOCK_N is the resident K/V tile; QK_ROWS: see _bwd_dkdv_inner
     (32, 128, 4, 3, False), (64, 128, 8, 3, False), (32, 64, 4, 3, False), (64, 64, 4, 2, False),
     (16, 64, 4, 2, False), (32, 32, 8, 2, False),
     # (queries, keys) tiles need BLOCK_M >= 64, the MMA's M, and spill at 64 x 128 (Triton 3.6, static)
@@ -713,54 +713,31 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bwd_dkdv_rows(dk, dv, k, v, it, start_n, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm, stride_dqd, sm_scale,
-                   stride_qm, stride_qd, stride_dom, stride_dod, offs_m, cols, offs_d, seq_q, seq_k, diag, qk_scale,
-                   win_left, win_right, key_kept, slope2, seed, rng_base, dropout_p, inv_keep, idx_ptr, tile_ptr,
-                   tile_stride, TILES, RULE, MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                   HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-                   SPARSE: tl.constexpr, HAS_TILES: tl.constexpr, HAS_RULE: tl.constexpr, LAYOUT_BQ: tl.constexpr,
-                   LAYOUT_BK: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """One query block of _bwd_dkdv_inner with the tile as (BLOCK_M queries, BLOCK_N keys), as in the forward.
-
-    With dropout, the mask is then _dropout_keep's, drawn where each thread holds its
-    elements with nothing crossing threads; P and dS instead enter dV and dK transposed (tl.trans: a shared-memory
-    operand of the MMA), and dQ = dS K needs no transpose."""
-    start_m = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BQ, BLOCK_M), BLOCK_M)
-    rows = start_m + offs_m
-    q = _load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    lse2 = tl.load(lse_base + rows, mask=rows < seq_q, other=float("inf")) * 1.4426950408889634
-    s = tl.dot(_mm(q, INTERPRET), _mm(tl.trans(k), INTERPRET), input_precision=PRECISION) * qk_scale
-    if HAS_ALIBI:
-        s += _alibi(rows[:, None], cols[None, :], diag, slope2)
-    p = tl.math.exp2(s - lse2[:, None])
-    if MASK:
-        keep = _keep(rows[:, None], cols[None, :], seq_k, diag, win_left, win_right, 0,
-                     tile_ptr + start_m // LAYOUT_BQ * tile_stride, TILES, RULE, HAS_LEFT, HAS_RIGHT, False,
-                     HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK)
-        p = tl.where(keep, p, 0.0)
-    if HAS_KPM:
-        p = tl.where(key_kept[None, :], p, 0.0)
-    do = _load_rows(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                    rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    dp = tl.dot(_mm(do, INTERPRET), _mm(tl.trans(v), INTERPRET), input_precision=PRECISION)
-    if DROPOUT:
-        kept = _dropout_keep(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0])
-        p_drop = tl.where(kept, p, 0.0)
-        dp = tl.where(kept, dp, 0.0) * inv_keep
+def _q_axis(x, QK_ROWS: tl.constexpr):
+    """A vector over the dK/dV tile's queries, broadcast along its keys: a column of a (queries, keys) tile
+    (QK_ROWS), else a row of a (keys, queries) tile."""
+    if QK_ROWS:
+        y = x[:, None]
     else:
-        p_drop = p
-    dv = tl.dot(_mm(tl.trans(_cast(p_drop, do.dtype, INTERPRET)), INTERPRET), _mm(do, INTERPRET), dv,
-                input_precision=PRECISION)
-    delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
-    ds = _cast(p * (dp - delta[:, None]), q.dtype, INTERPRET)
-    dk = tl.dot(_mm(tl.trans(ds), INTERPRET), _mm(q, INTERPRET), dk, input_precision=PRECISION)
-    if ATOMIC_DQ:
-        dq = tl.dot(_mm(ds, INTERPRET), _mm(k, INTERPRET), input_precision=PRECISION) * sm_scale
-        tl.atomic_add(dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
-                      mask=(rows[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
-    return dk, dv
+        y = x[None, :]
+    return y
+
+
+@triton.jit
+def _k_axis(x, QK_ROWS: tl.constexpr):
+    """A vector over the dK/dV tile's keys, broadcast along its queries (see _q_axis)."""
+    if QK_ROWS:
+        y = x[None, :]
+    else:
+        y = x[:, None]
+    return y
+
+
+@triton.jit
+def _trans_if(x, TRANSPOSE: tl.constexpr):
+    if TRANSPOSE:
+        x = tl.trans(x)
+    return x
 
 
 @triton.jit
@@ -778,51 +755,54 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         lo, hi = _rule_trim(lo, hi, idx_ptr, RULE, start_n, start_n + cols.shape[0] - 1, diag, False, LAYOUT_BQ,
                             BLOCK_M)
     for it in range(lo, hi, BLOCK_M):
-        if QK_ROWS:  # the forward's orientation (see _bwd_dkdv_rows)
-            dk, dv = _bwd_dkdv_rows(dk, dv, k, v, it, start_n, q_base, do_base, lse_base, delta_base, dq_base, stride_dqm,
-                                    stride_dqd, sm_scale, stride_qm, stride_qd, stride_dom, stride_dod, offs_m,
-                                    cols, offs_d, seq_q, seq_k, diag, qk_scale, win_left, win_right, key_kept,
-                                    slope2, seed, rng_base, dropout_p, inv_keep, idx_ptr, tile_ptr, tile_stride,
-                                    TILES, RULE, MASK, HAS_LEFT, HAS_RIGHT, HAS_KPM, HAS_ALIBI, DROPOUT, HEAD_DIM,
-                                    BLOCK_D, BLOCK_M, PRECISION, INTERPRET, SPARSE, HAS_TILES, HAS_RULE,
-                                    LAYOUT_BQ, LAYOUT_BK, ATOMIC_DQ)
-        else:  # (keys, queries): no transposes for dK and dV
-            start_m = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BQ, BLOCK_M), BLOCK_M)
-            rows = start_m + offs_m
-            q = _load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                           rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-            lse2 = tl.load(lse_base + rows, mask=rows < seq_q, other=float("inf")) * 1.4426950408889634
-            qk_t = tl.dot(_mm(k, INTERPRET), _mm(tl.trans(q), INTERPRET), input_precision=PRECISION)
-            s_t = qk_t * qk_scale
-            if HAS_ALIBI:
-                s_t += _alibi(rows[None, :], cols[:, None], diag, slope2)
-            p_t = tl.math.exp2(s_t - lse2[None, :])
-            if MASK:
-                keep = _keep(rows[None, :], cols[:, None], seq_k, diag, win_left, win_right, 0,
-                             tile_ptr + start_m // LAYOUT_BQ * tile_stride, TILES, RULE, HAS_LEFT, HAS_RIGHT, False,
-                             HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK)
-                p_t = tl.where(keep, p_t, 0.0)
-            if HAS_KPM:
-                p_t = tl.where(key_kept[:, None], p_t, 0.0)
-            do = _load_rows(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                            rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-            dp_t = tl.dot(_mm(v, INTERPRET), _mm(tl.trans(do), INTERPRET), input_precision=PRECISION)
-            if DROPOUT:
-                # dV sums the kept P unscaled (the caller scales dV by 1 / (1 - p) once); dP's scale rides the FMA below.
-                kept = _dropout_keep_t(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0], INTERPRET)
-                p_drop_t = tl.where(kept, p_t, 0.0)
-                dp_t = tl.where(kept, dp_t, 0.0) * inv_keep
+        # QK_ROWS: the tile is (queries, keys) as in the forward, so the dropout mask is _dropout_keep's, drawn where
+        # each thread holds its elements, and P and dS enter dV and dK transposed (a shared-memory MMA operand).
+        # Else (keys, queries): dV and dK need no transposes, and the mask is drawn transposed (_dropout_keep_t).
+        start_m = tl.multiple_of(_block_start(it, idx_ptr, SPARSE, LAYOUT_BQ, BLOCK_M), BLOCK_M)
+        rows = start_m + offs_m
+        q = _load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                       rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+        lse2 = tl.load(lse_base + rows, mask=rows < seq_q, other=float("inf")) * 1.4426950408889634
+        if QK_ROWS:
+            s = tl.dot(_mm(q, INTERPRET), _mm(tl.trans(k), INTERPRET), input_precision=PRECISION) * qk_scale
+        else:
+            s = tl.dot(_mm(k, INTERPRET), _mm(tl.trans(q), INTERPRET), input_precision=PRECISION) * qk_scale
+        if HAS_ALIBI:
+            s += _alibi(_q_axis(rows, QK_ROWS), _k_axis(cols, QK_ROWS), diag, slope2)
+        p = tl.math.exp2(s - _q_axis(lse2, QK_ROWS))
+        if MASK:
+            keep = _keep(_q_axis(rows, QK_ROWS), _k_axis(cols, QK_ROWS), seq_k, diag, win_left, win_right, 0,
+                         tile_ptr + start_m // LAYOUT_BQ * tile_stride, TILES, RULE, HAS_LEFT, HAS_RIGHT, False,
+                         HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK)
+            p = tl.where(keep, p, 0.0)
+        if HAS_KPM:
+            p = tl.where(_k_axis(key_kept, QK_ROWS), p, 0.0)
+        do = _load_rows(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                        rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+        if QK_ROWS:
+            dp = tl.dot(_mm(do, INTERPRET), _mm(tl.trans(v), INTERPRET), input_precision=PRECISION)
+        else:
+            dp = tl.dot(_mm(v, INTERPRET), _mm(tl.trans(do), INTERPRET), input_precision=PRECISION)
+        if DROPOUT:
+            # dV sums the kept P unscaled (the caller scales dV by 1 / (1 - p) once); dP's scale rides the FMA below.
+            if QK_ROWS:
+                kept = _dropout_keep(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0])
             else:
-                p_drop_t = p_t
-            dv = tl.dot(_mm(_cast(p_drop_t, do.dtype, INTERPRET), INTERPRET), _mm(do, INTERPRET), dv, input_precision=PRECISION)
-            delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
-            ds_t = p_t * (dp_t - delta[None, :])
-            ds_t = _cast(ds_t, q.dtype, INTERPRET)
-            dk = tl.dot(_mm(ds_t, INTERPRET), _mm(q, INTERPRET), dk, input_precision=PRECISION)
-            if ATOMIC_DQ:  # this key block's share of dQ for these query rows, summed in fp32 across key blocks
-                dq = tl.dot(_mm(tl.trans(ds_t), INTERPRET), _mm(k, INTERPRET), input_precision=PRECISION) * sm_scale
-                tl.atomic_add(dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
-                              mask=(rows[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+                kept = _dropout_keep_t(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0], INTERPRET)
+            p_drop = tl.where(kept, p, 0.0)
+            dp = tl.where(kept, dp, 0.0) * inv_keep
+        else:
+            p_drop = p
+        dv = tl.dot(_mm(_trans_if(_cast(p_drop, do.dtype, INTERPRET), QK_ROWS), INTERPRET), _mm(do, INTERPRET), dv,
+                    input_precision=PRECISION)
+        delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
+        ds = _cast(p * (dp - _q_axis(delta, QK_ROWS)), q.dtype, INTERPRET)
+        dk = tl.dot(_mm(_trans_if(ds, QK_ROWS), INTERPRET), _mm(q, INTERPRET), dk, input_precision=PRECISION)
+        if ATOMIC_DQ:  # this key block's share of dQ for these query rows, summed in fp32 across key blocks
+            dq = tl.dot(_mm(_trans_if(ds, not QK_ROWS), INTERPRET), _mm(k, INTERPRET), input_precision=PRECISION)
+            dq = dq * sm_scale
+            tl.atomic_add(dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
+                          mask=(rows[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
