@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import hf_flash  # noqa: E402
 from hf_flash.kernels import attention as A  # noqa: E402
+from tune_report import parse_extra  # noqa: E402
 
 
 def main(argv=None):
@@ -27,9 +28,12 @@ def main(argv=None):
     p.add_argument("--config", help="the one forward config to keep, e.g. 64x64w4s3 (default: let the tuner pick)")
     args = p.parse_args(argv)
     if args.config:
-        m, n, w, s = (int(x) for x in args.config.replace("x", " ").replace("w", " ").replace("s", " ").split())
-        A._attn_fwd.configs = [c for c in A._attn_fwd.configs
-                               if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (m, n, w, s)]
+        try:
+            _, want = parse_extra(f"fwd:{args.config}")
+        except SystemExit:
+            raise SystemExit(f"--config: expected MxNwWsS (e.g. 64x64w4s3), got {args.config!r}") from None
+        A._attn_fwd.configs = [c for c in A._attn_fwd.configs if (c.kwargs, c.num_warps, c.num_stages)
+                               == (want.kwargs, want.num_warps, want.num_stages)]
         if len(A._attn_fwd.configs) != 1:
             raise SystemExit(f"--config {args.config}: not one of the forward candidates")
         A.reset_tuning()
