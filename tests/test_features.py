@@ -532,6 +532,35 @@ def test_dkdv_rows_candidates(mode, dropout, expected, monkeypatch):
     assert {c.kwargs["QK_ROWS"] for c in kept} == expected
 
 
+@pytest.mark.parametrize("dropout, head_dim, dtype, capped", [(True, 64, FP16, True), (True, 64, BF16, True),
+                                                             (False, 64, FP16, False), (True, 128, FP16, False),
+                                                             (True, 64, FP32, False), (True, 32, FP16, False)])
+def test_register_capped_forward_tile_only_with_dropout_at_head_dim_64(dropout, head_dim, dtype, capped, monkeypatch):
+    """The forward's register-capped candidate is timed only where it was measured to help: dropout, BLOCK_D 64,
+    fp16 or bf16."""
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    monkeypatch.setattr(kernels, "INTERPRET", False)  # so _prune returns every candidate, not the first
+    configs = kernels._configs([(64, 64, 4, 3)]) + [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4,
+                                                                  num_stages=3, maxnreg=128)]
+    kept = kernels._prune(configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=head_dim, DROPOUT=dropout)
+    assert any(c.maxnreg for c in kept) == capped and any(not c.maxnreg for c in kept)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter has no register cap")
+def test_register_capped_forward_tile_is_exact_with_dropout(monkeypatch):
+    """The capped candidate alone (what the tuner may pick), under dropout, padding and GQA."""
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    fresh_tuning(monkeypatch)
+    capped = [c for c in kernels._attn_fwd.configs if c.maxnreg]
+    assert capped
+    monkeypatch.setattr(kernels._attn_fwd, "configs", capped[:1])
+    b, h, hk, sq, sk = 2, 6, 2, 777, 1029
+    for dtype in (FP16, BF16):
+        q, k, v = _qkv(b, h, hk, sq, sk, 64, dtype)
+        check_dense(q, k, v, causal=True, dropout_p=0.2, key_padding_mask=_padding_mask(b, sk, "left"), lse_grad=True)
+    assert [cfg for key, cfg in kernels._CHOSEN.items() if key[0] is kernels._attn_fwd] == capped[:1] * 2
+
+
 # --- determinism and recomputation ----------------------------------------------------------------
 
 @pytest.mark.parametrize("api", ["dense", "varlen"])

@@ -54,13 +54,16 @@ MAX_HEADDIM = 256
 # new sequence length rarely triggers a new search.
 # --------------------------------------------------------------------------------------------
 
-def _configs(candidates):
-    """(BLOCK_M, BLOCK_N, warps, stages) tuples, or with a fifth item, the dK/dV kernel's QK_ROWS."""
+def _configs(candidates, maxnreg=None):
+    """(BLOCK_M, BLOCK_N, warps, stages) tuples, or with a fifth item, the dK/dV kernel's QK_ROWS; maxnreg caps
+    the registers per thread."""
     if INTERPRET:  # small configs, never timed: the interpreter is slow and autotuning it means nothing
+        if maxnreg:
+            return []
         extras = dict.fromkeys(c[4:] for c in candidates)  # () or each QK_ROWS value
         candidates = [(m, n, 4, 1, *e) for e in extras for m, n in ((64, 32), (32, 32), (16, 16))]
     return [triton.Config({**({"QK_ROWS": c[4]} if len(c) > 4 else {}), "BLOCK_M": c[0], "BLOCK_N": c[1]},
-                          num_warps=c[2], num_stages=c[3]) for c in candidates]
+                          num_warps=c[2], num_stages=c[3], maxnreg=maxnreg) for c in candidates]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -73,6 +76,8 @@ def _prune(configs, named_args, **kwargs):
         both = DKDV_ROWS == "tune" or (DKDV_ROWS == "dropout" and bool(args.get("DROPOUT")))
         if not both:
             configs = [c for c in configs if c.kwargs["QK_ROWS"] == orientation["QK_ROWS"]]
+    if not (args.get("DROPOUT") and args["BLOCK_D"] == 64 and args["Q"].element_size() == 2):  # see _FWD_CONFIGS
+        configs = [c for c in configs if not c.maxnreg]
     kept = configs
     if row_bytes > 256:  # beyond fp16/bf16 headdim 128 or fp32 headdim 64
         max_tile = 128 * 64 if row_bytes <= 512 else 64 * 32
@@ -90,7 +95,10 @@ def _prune(configs, named_args, **kwargs):
 _FWD_CONFIGS = _configs([
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
     (64, 128, 4, 3),  # GPT-2 small's 4K step (B2 H12 d64 causal, dropout): 4% faster than any other (H200)
-])
+]) + _configs([(64, 64, 4, 3)], maxnreg=128)
+# The capped tile is a candidate only with dropout at head dims 33-64 in fp16/bf16 (BLOCK_D 64). There the mask's integer work takes
+# the 64 x 64 tile from 128 to 149 registers per thread, so 3 programs fit an SM instead of 4; capped at 128 it
+# keeps 4 and spills one register outside the loop (Triton 3.6, sm_90).
 _BWD_DKDV_TILES = [  # BLOCK_M walks queries, BLOCK_N is the resident K/V tile; QK_ROWS: see _bwd_dkdv_inner
     (32, 128, 4, 3, False), (64, 128, 8, 3, False), (32, 64, 4, 3, False), (64, 64, 4, 2, False),
     (16, 64, 4, 2, False), (32, 32, 8, 2, False),
@@ -170,6 +178,17 @@ def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _pin_fp32(x, INTERPRET: tl.constexpr):
+    """x, through an identity LLVM cannot see into. Put after tl.where(c, x, 0.0) when x is cast to fp16/bf16
+    next, it keeps the select on the fp32 values: LLVM otherwise moves it past the cast, where each pair of values
+    costs an unpack, two selects and a repack (PRMT, SEL, SEL, PRMT) instead of two FSEL (Triton 3.6, sm_90)."""
+    if INTERPRET:
+        return x
+    else:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -593,7 +612,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, rng_rows, start_n, dropout_p, rows.shape[0], BLOCK_N), p, 0.0)
+            p = _pin_fp32(tl.where(_dropout_keep(seed, rng_rows, start_n, dropout_p, rows.shape[0], BLOCK_N), p, 0.0),
+                          INTERPRET)
         v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                        cols, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
         acc = tl.dot(_mm(_cast(p, v.dtype, INTERPRET), INTERPRET), _mm(v, INTERPRET), acc, input_precision=PRECISION)
@@ -789,7 +809,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
                 kept = _dropout_keep(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0])
             else:
                 kept = _dropout_keep_t(seed, rng_base + rows, start_n, dropout_p, BLOCK_M, cols.shape[0], INTERPRET)
-            p_drop = tl.where(kept, p, 0.0)
+            p_drop = _pin_fp32(tl.where(kept, p, 0.0), INTERPRET)
             dp = tl.where(kept, dp, 0.0) * inv_keep
         else:
             p_drop = p
