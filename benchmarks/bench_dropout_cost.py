@@ -76,10 +76,12 @@ def markdown(results):
              f"torch {env['torch']}, triton {env['triton']}; {env['date']}. {env.get('note', '')}".rstrip(), "",
              f"fp16, ms (do_bench median), p = 0 → p = {P}; cost = t(p) ÷ t(0) − 1 (issue 3's target for ours: "
              "≤ 15%). Tile: our forward config at p = 0 / p (rR: registers capped at R).", "",
-             "| shape | ours | cost | FA2 | FA2 cost | cuDNN | cuDNN cost | ours ÷ FA2 (p) | ours ÷ cuDNN (p) | tile |",
+             "| shape | ours | cost | FA2 | FA2 cost | cuDNN | cuDNN cost | ours ÷ FA2 (p) | ours ÷ cuDNN (p) "
+             "| tile |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results["rows"]:
-        cells = [f"{r[f'{m}0.0']:.3f} → {r[f'{m}{P}']:.3f}" if f"{m}{P}" in r else "" for m in ("ours", "fa2", "cudnn")]
+        cells = [f"{r[f'{m}0.0']:.3f} → {r[f'{m}{P}']:.3f}" if f"{m}{P}" in r else ""
+                 for m in ("ours", "fa2", "cudnn")]
         ratios = [f"{r[f'{m}{P}'] / r[f'ours{P}']:.2f}×" if f"{m}{P}" in r else "" for m in ("fa2", "cudnn")]
         lines.append(f"| {r['shape']} | {cells[0]} | {cost(r, 'ours')} | {cells[1]} | {cost(r, 'fa2')} | {cells[2]} | "
                      f"{cost(r, 'cudnn')} | {ratios[0]} | {ratios[1]} | {r['cfg0.0']} / {r[f'cfg{P}']} |")
