@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import hf_flash  # noqa: E402
+from bench_kernels import sdpa  # noqa: E402
 from hf_flash.kernels import attention as A  # noqa: E402
 from tune_report import parse_extra  # noqa: E402
 
@@ -42,8 +41,7 @@ def main(argv=None):
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
 
     def cudnn():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(qt, kt, vt)
+        return sdpa(qt, kt, vt, False, "CUDNN_ATTENTION")
 
     for _ in range(3):  # tune and warm up outside the profiled range
         hf_flash.flash_attn_func(q, k, v)

@@ -455,15 +455,13 @@ def _tile_keep(TILES, tile, rows, cols, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.c
 def _rule_keep(RULE, rows, cols, diag):
     """A layout's element rule (left, right, n_global) evaluated inline: key j - i - diag in [-left, right], or
     query or key among the first n_global tokens (layouts.BlockSparseLayout.element_rule)."""
-    offset = cols - rows - diag
-    n_global = tl.load(RULE + 2)
-    return ((offset >= -tl.load(RULE)) & (offset <= tl.load(RULE + 1))) | (rows < n_global) | (cols < n_global)
+    return _rule_visits(RULE, rows, rows, cols, cols, diag)  # a 1 x 1 box per element
 
 
 @triton.jit
 def _rule_visits(RULE, row_lo, row_hi, col_lo, col_hi, diag):
-    """Whether the rule (_rule_keep) keeps any element of queries [row_lo, row_hi] x keys [col_lo, col_hi]: their
-    offsets span [col_lo - row_hi, col_hi - row_lo] - diag."""
+    """Whether the rule keeps any element of queries [row_lo, row_hi] x keys [col_lo, col_hi]: their offsets
+    span [col_lo - row_hi, col_hi - row_lo] - diag."""
     n_global = tl.load(RULE + 2)
     return (((col_hi - row_lo - diag >= -tl.load(RULE)) & (col_lo - row_hi - diag <= tl.load(RULE + 1)))
             | (row_lo < n_global) | (col_lo < n_global))
