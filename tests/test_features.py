@@ -380,25 +380,50 @@ def _philox_words(SEED, OUT, N_GROUPS: tl.constexpr, N_ROWS: tl.constexpr):
 
 
 def test_dropout_mask_follows_the_documented_draws():
-    """dropout_mask() (hence every kernel, see the tile-size test) keeps key k of row r iff the 16-bit draw
+    """dropout_mask() (hence every kernel, see the tile-size test) keeps key k of row r iff the 14-bit draw
     that _dropout_keep's docstring assigns to it is >= t: Philox call (g, r) with g = 4 * (k // 64) + c, where
-    k % 64 = 8 * n + 2 * c + e; its word n // 2 and draw j = 2 * (n % 2) + e of that word, made of the word's
-    bytes j + 1 mod 4 (high) and j (low)."""
+    k % 64 = 8 * n + 2 * c + e; its word n // 2 and draw j = 2 * (n % 2) + e of that word, the high 14 bits of
+    the word's bytes lo + 1 mod 4 (high) and lo (low), lo = 0, 2, 3, 1 for j = 0..3."""
     rows, keys, p = 16, 128, 0.3
     seed = kernels.draw_dropout_seed(torch.device(DEVICE))
     words = torch.empty(rows, keys // 16, 4, dtype=torch.int32, device=DEVICE)
     _philox_words[(1,)](seed, words, N_GROUPS=keys // 16, N_ROWS=rows)
     data = words.to(torch.int64) & 0xFFFFFFFF
     byte = [(data >> (8 * b)) & 0xFF for b in range(4)]  # each (rows, groups, 4 words)
-    t = min(math.ceil(p * 65536), 65535)
+    t = min(math.ceil(p * 16384), 16383)
     expected = torch.empty(rows, keys, dtype=torch.bool, device=DEVICE)
     for k in range(keys):
         g, c, n, e = 4 * (k // 64) + (k % 8) // 2, (k % 8) // 2, (k % 64) // 8, k % 2
         w, j = n // 2, 2 * (n % 2) + e
         assert g % 4 == c
-        draw = byte[(j + 1) % 4][:, g, w] * 256 + byte[j][:, g, w]
+        lo = (0, 2, 3, 1)[j]
+        draw = (byte[(lo + 1) % 4][:, g, w] * 256 + byte[lo][:, g, w]) >> 2
         expected[:, k] = draw >= t
     assert torch.equal(kernels.dropout_mask(seed, 1, 1, rows, keys, p)[0, 0], expected)
+
+
+@triton.jit
+def _pair_words_probe(SEED, OUT, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    x = kernels._pair_words(tl.load(SEED), rows.to(tl.int64), start_n, BLOCK_M, BLOCK_N)
+    tl.store(OUT + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], x.to(tl.int32, bitcast=True))
+
+
+@pytest.mark.parametrize("block_n", [64, 128])
+@pytest.mark.parametrize("p", [0.1, 0.7])
+def test_pair_words_give_the_documented_mask(block_n, p):
+    """The forward's two-at-a-time dropout (_drop_pairs, 16-bit P and tiles of >= 64 keys) keeps a score iff its
+    lane of the word _pair_words gives it, bits 0-13 (even key) or 16-29 (odd key), is >= t / 4 compared as an
+    fp16 value: the same mask as dropout_mask(). The asm itself runs only on a GPU (the dropout tests there)."""
+    rows = 16
+    seed = kernels.draw_dropout_seed(torch.device(DEVICE))
+    out = torch.empty(rows, block_n, dtype=torch.int32, device=DEVICE)
+    _pair_words_probe[(1,)](seed, out, block_n, BLOCK_M=rows, BLOCK_N=block_n)  # the second tile of the row
+    x = out.to(torch.int64) & 0xFFFFFFFF
+    lane = torch.where(torch.arange(block_n, device=DEVICE) % 2 == 0, x & 0x3FFF, (x >> 16) & 0x3FFF)
+    t = torch.tensor(min(math.ceil(p * 16384), 16383), dtype=torch.int16)
+    keep = lane.to(torch.int16).view(torch.float16).cpu() >= t.view(torch.float16)
+    assert torch.equal(keep, kernels.dropout_mask(seed, 1, 1, rows, 2 * block_n, p)[0, 0, :, block_n:].cpu())
 
 
 def test_dropout_seed_and_return_lse():

@@ -97,9 +97,9 @@ _FWD_CONFIGS = _configs([
     (64, 128, 4, 3),  # GPT-2 small's 4K step (B2 H12 d64 causal, dropout): 4% faster than any other (H200)
 ]) + _configs([(64, 64, 4, 3)], maxnreg=128)
 # The capped tile is a candidate only with dropout at head dims 33-64 in fp16/bf16 (BLOCK_D 64). There the mask's
-# integer work takes the 64 x 64 tile from 128 to 149 registers per thread, so 3 programs fit an SM instead of 4;
-# capped at 128 it keeps 4 and spills one register outside the loop (Triton 3.6, sm_90; H200 d64 4K forward with
-# dropout: 1.854 / 1.014 ms against 1.910 / 1.047 uncapped, full / causal).
+# integer work takes the 64 x 64 tile from 128 to 132 registers per thread (149 before _drop_pairs), so 3 programs
+# fit an SM instead of 4; capped at 128 it keeps 4 and does not spill (Triton 3.6, sm_90; H200 d64 4K forward with
+# dropout, before _drop_pairs: 1.854 / 1.014 ms against 1.910 / 1.047 uncapped, full / causal).
 _BWD_DKDV_TILES = [  # BLOCK_M walks queries, BLOCK_N is the resident K/V tile; QK_ROWS: see _bwd_dkdv_inner
     (32, 128, 4, 3, False), (64, 128, 8, 3, False), (32, 64, 4, 3, False), (64, 64, 4, 2, False),
     (16, 64, 4, 2, False), (32, 32, 8, 2, False),
@@ -315,30 +315,31 @@ def _philox_words(seed, rng_rows, groups):
 
 @triton.jit
 def _keep_threshold(dropout_p):
-    """t: an element is kept when its 16-bit draw is >= t (see _dropout_keep)."""
-    return tl.minimum(tl.math.ceil(dropout_p * 65536.0), 65535.0).to(tl.uint32)
+    """T = 4 t: an element is kept when its 14-bit draw is >= t, i.e. when the 16-bit lane that holds the draw
+    in its high 14 bits is >= T (see _dropout_keep)."""
+    return tl.minimum(tl.math.ceil(dropout_p * 16384.0), 16383.0).to(tl.uint32) * 4
 
 
 @triton.jit
 def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Philox keep mask of the (BLOCK_M query rows, BLOCK_N keys from start_n) tile.
 
-    One Philox-4x32 call (7 rounds, as in FlashAttention-2) yields 4 words of 4 draws of 16 bits each:
-    draw j of a word is its bytes j (low) and j + 1 mod 4 (high), i.e. windows at 8-bit steps around the
-    word (_word_keep). The call with counter (g, row), where row = bh * SEQ_Q + i, serves the 16 keys
-    64 * (g // 4) + 8 * n + 2 * (g % 4) + e of that row, n = 2 * w + j // 2 and e = j % 2 for draw j of word
-    w. That is how a tensor-core accumulator is spread over threads (key pairs 2c, 2c + 1, repeating every
-    8 keys), so each draw is made by the thread that holds its element; a shuffle through shared memory
-    instead costs twice as much per element on the H100 (perf-notes.md). Tiles of any size see the same
-    mask, so the forward, both backward kernels and dropout_mask() agree; a 32- or 16-key tile computes
-    its span's call and uses half or a quarter of it.
-    An element is kept when its draw >= t = min(ceil(p * 65536), 65535): p is quantised up to t / 65536 for
-    the keep test (kept values are still scaled by exactly 1 / (1 - p)). Every draw is uniform on 16 bits,
-    so each flag is kept with probability exactly 1 - t / 65536; two draws that share a byte (keys 1, 7 or
-    9 apart in one call) are correlated by ~0.2% (p = 0.1), through the 1/256 chance that the shared byte
-    decides. Sixteen draws per call instead of eight halve the Philox work per element, about half of what
-    dropout adds (the compare and the select per element remain; perf-notes.md). The tests are integer compares
-    in place in the 32-bit word; an int-to-float conversion runs at a quarter of the ALU rate.
+    One Philox-4x32 call (7 rounds, as in FlashAttention-2) yields 4 words of 4 draws of 14 bits each. Draw
+    j = 2 * h + e of a word is the high 14 bits of 16-bit lane e of the word (h = 0) or of the word rotated left
+    by 8 bits (h = 1): of bytes (high:low) 1:0, 3:2, 0:3 and 2:1 for j = 0..3 (_word_keep). The call with counter
+    (g, row), where row = bh * SEQ_Q + i, serves the 16 keys 64 * (g // 4) + 8 * n + 2 * (g % 4) + e of that
+    row, n = 2 * w + h for draw j of word w. That is how a tensor-core accumulator is spread over threads (key
+    pairs 2c, 2c + 1, repeating every 8 keys), so each draw is made by the thread that holds its element; a
+    shuffle through shared memory instead costs twice as much per element on the H100 (perf-notes.md). And a
+    key pair's two draws are the two lanes of one 32-bit word, so the forward tests and applies them two at a
+    time on the fp16/bf16 P (_drop_pairs). Tiles of any size see the same mask, so the forward, both backward
+    kernels and dropout_mask() agree; a 32- or 16-key tile computes its span's call and uses half or a quarter.
+    An element is kept when its draw >= t = min(ceil(p * 16384), 16383), i.e. when its 16-bit lane >= 4 t: p is
+    quantised up to t / 16384 for the keep test (kept values are still scaled by exactly 1 / (1 - p)). Every
+    draw is uniform on 14 bits, so each flag is kept with probability exactly 1 - t / 16384; two draws that
+    share a byte (the low byte of one lane is the high byte of another) are correlated by ~0.2% (p = 0.1),
+    through the ~1/256 chance that the shared byte decides. Sixteen draws per call instead of eight halve the Philox work per element. The tests are integer
+    compares in place in the 32-bit word; an int-to-float conversion runs at a quarter of the ALU rate.
     """
     t = _keep_threshold(dropout_p)
     if BLOCK_N >= 64:
@@ -361,6 +362,45 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
+def _pair_words(seed, rng_rows, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) uint32, BLOCK_N >= 64: for each score, a word whose bits 0-13 and 16-29 are its key
+    pair's two draws (see _dropout_keep; _drop_pairs ignores bits 14-15 and 30-31). A draw is the high 14 bits of
+    a 16-bit lane of the Philox word w (h = 0) or of w rotated left by 8 (h = 1), so the pair's word is w rotated
+    right by 2 or left by 6: one funnel shift."""
+    w0, w1, w2, w3 = _philox_words(seed, rng_rows, start_n // 16 + tl.arange(0, BLOCK_N // 16))
+    x = tl.join(tl.join(tl.join(_rotr2(w0), _rotl6(w0)), tl.join(_rotr2(w1), _rotl6(w1))),
+                tl.join(tl.join(_rotr2(w2), _rotl6(w2)), tl.join(_rotr2(w3), _rotl6(w3))))  # (row, g, h, w%2, w//2)
+    x = tl.join(x, x)  # both scores of a pair get the word: (row, g, h, w % 2, w // 2, e)
+    # -> key order (g // 4, w // 2, w % 2, h, g % 4, e), as _dropout_keep
+    x = tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_N // 64, 4, 2, 2, 2, 2)), (0, 1, 5, 4, 3, 2, 6))
+    return tl.reshape(x, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def _rotr2(w):
+    return (w >> 2) | (w << 30)
+
+
+@triton.jit
+def _rotl6(w):
+    return (w << 6) | (w >> 26)
+
+
+@triton.jit
+def _drop_pairs(p16, words, t):
+    """p16 (fp16 or bf16 P) with _dropout_keep's dropped scores zeroed, two scores per instruction.
+
+    words: _pair_words; t = _keep_threshold. With bits 14-15 and 30-31 cleared, the two 14-bit draws are finite
+    fp16 bit patterns, which order as their integers do, so one packed fp16 compare against t / 4 gives both
+    lanes' masks (0xFFFF or 0), and one AND applies them to the pair: three instructions per pair, where a
+    compare and a select per score on fp32 P cost four and more."""
+    t2 = tl.full(words.shape, 0, tl.uint32) + ((t >> 2) | (t << 14))
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 m; and.b32 m, $2, 0x3FFF3FFF; set.ge.u32.f16x2 m, m, $4; and.b32 $0, $1, m; }",
+        "=r,r,r,r,r,r", [p16, words, t2], dtype=p16.dtype, is_pure=True, pack=2)
+
+
+@triton.jit
 def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     INTERPRET: tl.constexpr):
     """_dropout_keep's flags as (BLOCK_N keys, BLOCK_M rows), for the dK/dV kernel's transposed tiles.
@@ -369,7 +409,7 @@ def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, B
     keys) belong to four warps: something must cross threads through shared memory. Moving the flags one by one
     (tl.trans of _dropout_keep) took a round trip per join and made dropout cost the backward several times what
     it costs the forward. Here the raw Philox words cross instead, by tl.gather: per query a thread fetches the one
-    word that serves both its keys k and k + 8, and takes each element's draw with a byte permute (_draw16).
+    word that serves both its keys k and k + 8, and takes each element's draw with a byte permute (_lane16).
     A gather's source keeps its own layout whatever its reader wants. Through a plain broadcast Triton gave the
     words the readers' layout, replicated 8x, and recomputed every Philox call eight times (Triton 3.6 did so
     even through an asm move not marked pure: dropout then cost the H200 backward +180% instead of +100%).
@@ -393,32 +433,36 @@ def _dropout_keep_t(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, B
         word = tl.reshape(word, (BLOCK_N, BLOCK_M))
         k = tl.arange(0, BLOCK_N)
         j = (2 * ((k // 8) % 2) + k % 2)[:, None]
-        keep_t = _draw16(word, j, INTERPRET) >= _keep_threshold(dropout_p)
+        keep_t = _lane16(word, j, INTERPRET) >= _keep_threshold(dropout_p)
     return keep_t
 
 
 @triton.jit
-def _draw16(word, j, INTERPRET: tl.constexpr):
-    """Draw j of a Philox word (_word_keep): its bytes j (low) and j + 1 mod 4 (high), as a 16-bit value."""
+def _lane16(word, j, INTERPRET: tl.constexpr):
+    """The 16-bit lane that holds draw j of a Philox word (_word_keep): its bytes lo(j) (low) and lo(j) + 1 mod 4
+    (high), where lo(0..3) = 0, 2, 3, 1."""
+    lo = (0x1320 >> (4 * j)) & 0xF
     if INTERPRET:
         wide = word.to(tl.uint64) | (word.to(tl.uint64) << 32)
-        return ((wide >> (8 * j).to(tl.uint64)) & 0xFFFF).to(tl.uint32)
-    else:  # one byte permute: bytes j and (j + 1) % 4 of the word, then two zero bytes (byte 4 of the 0 operand)
-        sel = (j | (((j + 1) % 4) << 4) | 0x4400).to(tl.uint32)
+        return ((wide >> (8 * lo).to(tl.uint64)) & 0xFFFF).to(tl.uint32)
+    else:  # one byte permute: bytes lo and (lo + 1) % 4 of the word, then two zero bytes (byte 4 of the 0 operand)
+        sel = (lo | (((lo + 1) % 4) << 4) | 0x4400).to(tl.uint32)
         return tl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r", [word.to(tl.uint32), sel],
                                          dtype=tl.uint32, is_pure=True, pack=1)
 
 
 @triton.jit
+def _rot8(word):
+    return (word << 8) | (word >> 24)
+
+
+@triton.jit
 def _word_keep(word, t):
-    """Keep flags of a Philox word's four 16-bit draws, shape (..., 2, 2): [..., e, h] is draw j = 2 * h + e,
-    whose high byte is byte j + 1 mod 4 of the word and low byte byte j."""
+    """Keep flags of a Philox word's four draws (see _dropout_keep), shape (..., 2, 2): [..., e, h] is draw
+    j = 2 * h + e, in lane e of the word (h = 0) or of the word rotated left by 8 (h = 1); t = _keep_threshold."""
     word = word.to(tl.uint32, bitcast=True)
-    d0 = (word & 0xFFFF) >= t  # bytes 1:0
-    d1 = (word & 0xFFFFFF) >= (t << 8)  # bytes 2:1 (byte 0 cannot carry a compare with a multiple of 256)
-    d2 = word >= (t << 16)  # bytes 3:2
-    d3 = (((word << 8) | (word >> 24)) & 0xFFFF) >= t  # bytes 0:3, a rotate
-    return tl.join(tl.join(d0, d1), tl.join(d2, d3))
+    rot = _rot8(word)  # a high lane is compared in place: its low 16 bits cannot carry a compare with t << 16
+    return tl.join(tl.join((word & 0xFFFF) >= t, word >= (t << 16)), tl.join((rot & 0xFFFF) >= t, rot >= (t << 16)))
 
 
 @triton.jit
@@ -610,12 +654,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         acc = acc * alpha[:, None]
-        if DROPOUT:
-            p = _pin_fp32(tl.where(_dropout_keep(seed, rng_rows, start_n, dropout_p, rows.shape[0], BLOCK_N), p, 0.0),
-                          INTERPRET)
         v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                        cols, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
-        acc = tl.dot(_mm(_cast(p, v.dtype, INTERPRET), INTERPRET), _mm(v, INTERPRET), acc, input_precision=PRECISION)
+        if DROPOUT and not INTERPRET and BLOCK_N >= 64 and v.dtype.primitive_bitwidth == 16:
+            p = _drop_pairs(p.to(v.dtype), _pair_words(seed, rng_rows, start_n, rows.shape[0], BLOCK_N),
+                            _keep_threshold(dropout_p))
+        else:
+            if DROPOUT:
+                p = _pin_fp32(tl.where(_dropout_keep(seed, rng_rows, start_n, dropout_p, rows.shape[0], BLOCK_N),
+                                       p, 0.0), INTERPRET)
+            p = _cast(p, v.dtype, INTERPRET)
+        acc = tl.dot(_mm(p, INTERPRET), _mm(v, INTERPRET), acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
