@@ -322,6 +322,36 @@ def test_all_features_together(case):
                 dropout_p=0.3, lse_grad=True)
 
 
+@triton.jit
+def _philox_probe(SEED, ROWS, GROUPS, OUT, N_ROWS: tl.constexpr, N_GROUPS: tl.constexpr):
+    seed = tl.load(SEED)
+    rows = tl.load(ROWS + tl.arange(0, N_ROWS))
+    groups = tl.load(GROUPS + tl.arange(0, N_GROUPS))
+    ours = kernels._philox_words(seed, rows, groups)
+    r64 = rows.to(tl.int64)
+    ref = tl.philox(seed, groups.to(tl.uint32)[None, :], (r64 >> 32).to(tl.uint32)[:, None],
+                    r64.to(tl.uint32)[:, None], 0, 7)
+    offs = tl.arange(0, N_ROWS)[:, None] * N_GROUPS + tl.arange(0, N_GROUPS)[None, :]
+    for w in tl.static_range(4):
+        tl.store(OUT + w * N_ROWS * N_GROUPS + offs, ours[w].to(tl.int32, bitcast=True))
+        tl.store(OUT + (4 + w) * N_ROWS * N_GROUPS + offs, ref[w].to(tl.int32, bitcast=True))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter runs tl.philox itself")
+def test_philox_words_are_tl_philox_bit_for_bit():
+    """_philox_words (whole 64-bit products through mul.wide on the GPU) gives tl.philox's 7-round words exactly,
+    for seeds with both halves set, rows past 2^32 and any group."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        seed = torch.randint(-2**63, 2**63 - 1, (1,), generator=gen, dtype=torch.int64).cuda()
+        rows = torch.randint(0, 2**40, (64,), generator=gen, dtype=torch.int64).cuda()
+        groups = torch.randint(0, 2**31 - 1, (16,), generator=gen, dtype=torch.int32).cuda()
+        out = torch.empty(8, 64, 16, dtype=torch.int32, device="cuda")
+        _philox_probe[(1,)](seed, rows, groups, out, 64, 16)
+        assert torch.equal(out[:4], out[4:])
+        assert (out[:4] != 0).float().mean() > 0.99  # the words are there, not an unwritten buffer
+
+
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
 def test_dropout_mask_statistics(dropout_p):
     """Kept fraction within 5 binomial standard deviations of 1 - p; same seed same mask, new seed new mask."""

@@ -44,6 +44,7 @@ if DKDV_ROWS not in ("0", "dropout", "1", "tune"):
 # The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors for testing. It is read at
 # import time because triton.jit chooses between compiling and interpreting when it decorates.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET_PHILOX = tl.constexpr(INTERPRET or os.environ.get("HF_FLASH_PHILOX_ASM", "1") == "0")
 
 LOG2E = 1.4426950408889634
 MAX_HEADDIM = 256
@@ -309,8 +310,29 @@ def _philox_words(seed, rng_rows, groups):
     """The four words of the Philox-4x32 calls (7 rounds) with counters (group, row), shape (rows, groups).
     The counter goes in as a row and a column vector, so the first Philox round works on vectors."""
     rows = rng_rows.to(tl.int64)
-    return tl.philox(seed, groups.to(tl.uint32)[None, :], (rows >> 32).to(tl.uint32)[:, None],
-                     rows.to(tl.uint32)[:, None], 0, 7)
+    if INTERPRET_PHILOX:
+        return tl.philox(seed, groups.to(tl.uint32)[None, :], (rows >> 32).to(tl.uint32)[:, None],
+                         rows.to(tl.uint32)[:, None], 0, 7)
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = groups.to(tl.uint32)[None, :]
+    c1 = (rows >> 32).to(tl.uint32)[:, None]
+    c2 = rows.to(tl.uint32)[:, None]
+    c3 = tl.full((1, 1), 0, tl.uint32)
+    for _ in tl.static_range(7):
+        _c0, _c2 = c0, c2
+        hb, lb = tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, 0xCD9E8D57; mov.b64 {$1, $0}, t; }",
+                                           "=r,=r,r", [_c2], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+        ha, la = tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, 0xD2511F53; mov.b64 {$1, $0}, t; }",
+                                           "=r,=r,r", [_c0], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+        c0 = hb ^ c1 ^ k0
+        c2 = ha ^ c3 ^ k1
+        c1 = lb
+        c3 = la
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
 
 
 @triton.jit
