@@ -360,8 +360,9 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
     quantised up to t / 16384 for the keep test (kept values are still scaled by exactly 1 / (1 - p)). Every
     draw is uniform on 14 bits, so each flag is kept with probability exactly 1 - t / 16384; two draws that
     share a byte (the low byte of one lane is the high byte of another) are correlated by ~0.2% (p = 0.1),
-    through the ~1/256 chance that the shared byte decides. Sixteen draws per call instead of eight halve the Philox work per element. The tests are integer
-    compares in place in the 32-bit word; an int-to-float conversion runs at a quarter of the ALU rate.
+    through the ~1/256 chance that the shared byte decides (computed exactly: 0.17%). Sixteen draws per call
+    instead of eight halve the Philox work per element. Outside _drop_pairs the tests are integer compares in
+    place in the 32-bit word; an int-to-float conversion runs at a quarter of the ALU rate.
     """
     t = _keep_threshold(dropout_p)
     if BLOCK_N >= 64:
