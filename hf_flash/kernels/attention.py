@@ -44,7 +44,7 @@ if DKDV_ROWS not in ("0", "dropout", "1", "tune"):
 # The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors for testing. It is read at
 # import time because triton.jit chooses between compiling and interpreting when it decorates.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-INTERPRET_PHILOX = tl.constexpr(INTERPRET or os.environ.get("HF_FLASH_PHILOX_ASM", "1") == "0")
+INTERPRETED = tl.constexpr(INTERPRET)  # for _philox_words, which reads it as a global (jit globals are constexprs)
 
 LOG2E = 1.4426950408889634
 MAX_HEADDIM = 256
@@ -310,7 +310,7 @@ def _philox_words(seed, rng_rows, groups):
     """The four words of the Philox-4x32 calls (7 rounds) with counters (group, row), shape (rows, groups).
     The counter goes in as a row and a column vector, so the first Philox round works on vectors."""
     rows = rng_rows.to(tl.int64)
-    if INTERPRET_PHILOX:
+    if INTERPRETED:  # the interpreter has no PTX: tl.philox gives the same words (tests check it on the GPU)
         return tl.philox(seed, groups.to(tl.uint32)[None, :], (rows >> 32).to(tl.uint32)[:, None],
                          rows.to(tl.uint32)[:, None], 0, 7)
     seed = seed.to(tl.uint64)
