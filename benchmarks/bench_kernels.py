@@ -269,11 +269,14 @@ def check_dropout(dtype, headdim, causal, p=DROPOUT_P, shape=(2, 300, 4)):
 
 
 def kept_fraction(nheads, seqlen, p=DROPOUT_P):
-    """Fraction of a (2, nheads, seqlen, seqlen) Philox keep mask that is kept, and its binomial sigma."""
+    """Fraction of a (2, nheads, seqlen, seqlen) Philox keep mask that is kept, and its z against the exact keep
+    probability (p quantised up to 14 bits: 0.899963 at p = 0.1, which 1 - p would put at z ~ -3 on this mask)."""
     kernels = hf_flash.kernels.attention
     keep = kernels.dropout_mask(kernels.draw_dropout_seed(DEVICE), 2, nheads, seqlen, seqlen, p)
-    kept, sigma = keep.sum(dtype=torch.int64).item() / keep.numel(), math.sqrt(p * (1 - p) / keep.numel())
-    return {"kept_fraction": kept, "kept_fraction_sigma": sigma, "kept_fraction_z": (kept - (1 - p)) / sigma}
+    q = kernels.kept_probability(p)
+    kept, sigma = keep.sum(dtype=torch.int64).item() / keep.numel(), math.sqrt(q * (1 - q) / keep.numel())
+    return {"kept_fraction": kept, "kept_expected": q, "kept_fraction_sigma": sigma,
+            "kept_fraction_z": (kept - q) / sigma}
 
 
 def bench_dropout(dtype_name, headdim, seqlen, causal, args, p=DROPOUT_P):
@@ -400,7 +403,8 @@ def dropout_markdown(rows):
     lines = [f"## Dropout p = {p}: batch·seqlen = 16384, nheads·headdim = 2048", "",
              "ms (TFLOP/s, dropout not counted). Cost = t(p) ÷ t(0) − 1 (target for hf_flash: ≤ 15% forward). "
              "÷ SDPA = SDPA flash time ÷ hf_flash time at the same p (> 1: hf_flash faster). Kept: fraction of a "
-             f"(2, H, N, N) keep mask that is kept (expected {1 - p:g}) and z = (kept − (1 − p)) / σ."]
+             "(2, H, N, N) keep mask that is kept, and z = (kept − q) / σ against the exact keep probability q "
+             f"(p quantised up to 14 bits: q = {rows[0].get('kept_expected', 1 - p):.6f})."]
     for pas, title in (("fwd", "Forward"), ("bwd", "Backward")):
         kept = " kept | z |" if pas == "fwd" else ""
         lines += ["", f"### {title}", "",

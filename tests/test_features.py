@@ -354,7 +354,8 @@ def test_philox_words_are_tl_philox_bit_for_bit():
 
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
 def test_dropout_mask_statistics(dropout_p):
-    """Kept fraction within 5 binomial standard deviations of 1 - p; same seed same mask, new seed new mask."""
+    """Kept fraction within 5 binomial standard deviations of the exact keep probability (1 - p, p quantised up
+    to 14 bits); same seed same mask, new seed new mask."""
     shape = (4, 8, 1024, 1024) if ON_GPU else (2, 3, 64, 100)
     torch.manual_seed(0)
     seed = kernels.draw_dropout_seed(torch.device(DEVICE))
@@ -362,8 +363,10 @@ def test_dropout_mask_statistics(dropout_p):
     keep = kernels.dropout_mask(seed, *shape, dropout_p)
     assert keep.dtype == torch.bool and keep.shape == shape
     kept, n = keep.sum().item(), keep.numel()
-    std = math.sqrt(n * dropout_p * (1 - dropout_p))
-    expected = n * (1 - dropout_p)
+    q = kernels.kept_probability(dropout_p)
+    assert q == 1 - min(math.ceil(dropout_p * 16384), 16383) / 16384 and 0 <= (1 - dropout_p) - q < 2 ** -14
+    std = math.sqrt(n * q * (1 - q))
+    expected = n * q
     assert abs(kept - expected) <= 5 * std, f"kept {kept} of {n}, expected {expected:.0f} ± {5 * std:.0f}"
     assert torch.equal(kernels.dropout_mask(seed.clone(), *shape, dropout_p), keep), "same seed, different mask"
     other = kernels.dropout_mask(kernels.draw_dropout_seed(torch.device(DEVICE)), *shape, dropout_p)

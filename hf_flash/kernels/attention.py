@@ -16,6 +16,7 @@ counters), key and query padding masks.
 Read top to bottom: configs, jit helpers, forward, backward, launchers, custom ops with autograd.
 """
 
+import math
 import operator
 import os
 
@@ -1303,6 +1304,12 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, dropout_p):
         _dropout_mask_kernel[(triton.cdiv(seqlen_q, 64) * batch * nheads,)](seed, out, seqlen_q, seqlen_k, dropout_p,
                                                                              BLOCK_M=64, BLOCK_N=64)
     return out.bool()
+
+
+def kept_probability(dropout_p):
+    """The exact probability that the kernels keep an element: 1 - t / 16384, t = min(ceil(p * 16384), 16383)
+    (the keep test quantises p up to 14 bits, see _dropout_keep; kept values are scaled by 1 / (1 - p))."""
+    return 1.0 - min(math.ceil(dropout_p * 16384), 16383) / 16384
 
 
 def _key_range(key_padding_mask):
