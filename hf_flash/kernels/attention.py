@@ -322,12 +322,13 @@ def _philox_words(seed, rng_rows, groups):
     c1 = (rows >> 32).to(tl.uint32)[:, None]
     c2 = rows.to(tl.uint32)[:, None]
     c3 = tl.full((1, 1), 0, tl.uint32)
+    # tl.philox's rounds (its multipliers and key increments), but each product's high and low words come from
+    # one mul.wide (one IMAD.WIDE), where ptxas made an IMAD.HI and an IMAD of most (perf-notes.md, session 13).
     for _ in tl.static_range(7):
-        _c0, _c2 = c0, c2
         hb, lb = tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, 0xCD9E8D57; mov.b64 {$1, $0}, t; }",
-                                           "=r,=r,r", [_c2], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+                                           "=r,=r,r", [c2], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
         ha, la = tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, 0xD2511F53; mov.b64 {$1, $0}, t; }",
-                                           "=r,=r,r", [_c0], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+                                           "=r,=r,r", [c0], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
         c0 = hb ^ c1 ^ k0
         c2 = ha ^ c3 ^ k1
         c1 = lb
