@@ -48,6 +48,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 INTERPRETED = tl.constexpr(INTERPRET)  # for _philox_words, which reads it as a global (jit globals are constexprs)
 
 LOG2E = 1.4426950408889634
+DRAW_LEVELS = tl.constexpr(16384)  # dropout draws are 14-bit: p is quantised up to a multiple of 1 / DRAW_LEVELS
 MAX_HEADDIM = 256
 
 
@@ -342,7 +343,7 @@ def _philox_words(seed, rng_rows, groups):
 def _keep_threshold(dropout_p):
     """T = 4 t: an element is kept when its 14-bit draw is >= t, i.e. when the 16-bit lane that holds the draw
     in its high 14 bits is >= T (see _dropout_keep)."""
-    return tl.minimum(tl.math.ceil(dropout_p * 16384.0), 16383.0).to(tl.uint32) * 4
+    return tl.minimum(tl.math.ceil(dropout_p * DRAW_LEVELS), DRAW_LEVELS - 1).to(tl.uint32) * (65536 // DRAW_LEVELS)
 
 
 @triton.jit
@@ -394,22 +395,12 @@ def _pair_words(seed, rng_rows, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     a 16-bit lane of the Philox word w (h = 0) or of w rotated left by 8 (h = 1), so the pair's word is w rotated
     right by 2 or left by 6: one funnel shift."""
     w0, w1, w2, w3 = _philox_words(seed, rng_rows, start_n // 16 + tl.arange(0, BLOCK_N // 16))
-    x = tl.join(tl.join(tl.join(_rotr2(w0), _rotl6(w0)), tl.join(_rotr2(w1), _rotl6(w1))),
-                tl.join(tl.join(_rotr2(w2), _rotl6(w2)), tl.join(_rotr2(w3), _rotl6(w3))))  # (row, g, h, w%2, w//2)
+    x = tl.join(tl.join(tl.join(_rotl(w0, 30), _rotl(w0, 6)), tl.join(_rotl(w1, 30), _rotl(w1, 6))),
+                tl.join(tl.join(_rotl(w2, 30), _rotl(w2, 6)), tl.join(_rotl(w3, 30), _rotl(w3, 6))))  # (row, g, h, w%2, w//2)
     x = tl.join(x, x)  # both scores of a pair get the word: (row, g, h, w % 2, w // 2, e)
     # -> key order (g // 4, w // 2, w % 2, h, g % 4, e), as _dropout_keep
     x = tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_N // 64, 4, 2, 2, 2, 2)), (0, 1, 5, 4, 3, 2, 6))
     return tl.reshape(x, (BLOCK_M, BLOCK_N))
-
-
-@triton.jit
-def _rotr2(w):
-    return (w >> 2) | (w << 30)
-
-
-@triton.jit
-def _rotl6(w):
-    return (w << 6) | (w >> 26)
 
 
 @triton.jit
@@ -478,8 +469,9 @@ def _lane16(word, j, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _rot8(word):
-    return (word << 8) | (word >> 24)
+def _rotl(word, n: tl.constexpr):
+    """word (uint32) rotated left by n bits: one funnel shift."""
+    return (word << n) | (word >> (32 - n))
 
 
 @triton.jit
@@ -487,7 +479,7 @@ def _word_keep(word, t):
     """Keep flags of a Philox word's four draws (see _dropout_keep), shape (..., 2, 2): [..., e, h] is draw
     j = 2 * h + e, in lane e of the word (h = 0) or of the word rotated left by 8 (h = 1); t = _keep_threshold."""
     word = word.to(tl.uint32, bitcast=True)
-    rot = _rot8(word)  # a high lane is compared in place: its low 16 bits cannot carry a compare with t << 16
+    rot = _rotl(word, 8)  # a high lane is compared in place: its low 16 bits cannot carry a compare with t << 16
     return tl.join(tl.join((word & 0xFFFF) >= t, word >= (t << 16)), tl.join((rot & 0xFFFF) >= t, rot >= (t << 16)))
 
 
@@ -1310,8 +1302,10 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, dropout_p):
 
 def kept_probability(dropout_p):
     """The exact probability that the kernels keep an element: 1 - t / 16384, t = min(ceil(p * 16384), 16383)
-    (the keep test quantises p up to 14 bits, see _dropout_keep; kept values are scaled by 1 / (1 - p))."""
-    return 1.0 - min(math.ceil(dropout_p * 16384), 16383) / 16384
+    (the keep test quantises p up to 14 bits, see _dropout_keep and _keep_threshold; kept values are scaled by
+    1 / (1 - p))."""
+    levels = DRAW_LEVELS.value
+    return 1.0 - min(math.ceil(dropout_p * levels), levels - 1) / levels
 
 
 def _key_range(key_padding_mask):
