@@ -365,6 +365,8 @@ def test_dropout_mask_statistics(dropout_p):
     kept, n = keep.sum().item(), keep.numel()
     q = kernels.kept_probability(dropout_p)
     assert q == 1 - min(math.ceil(dropout_p * 16384), 16383) / 16384 and 0 <= (1 - dropout_p) - q < 2 ** -14
+    with pytest.raises(ValueError, match="dropout_p must be a float in \\[0, 1\\), got 1.0"):
+        kernels.kept_probability(1.0)
     std = math.sqrt(n * q * (1 - q))
     expected = n * q
     assert abs(kept - expected) <= 5 * std, f"kept {kept} of {n}, expected {expected:.0f} ± {5 * std:.0f}"

@@ -1300,10 +1300,16 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, dropout_p):
     return out.bool()
 
 
+def check_dropout_p(dropout_p):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
 def kept_probability(dropout_p):
     """The exact probability that the kernels keep an element: 1 - t / 16384, t = min(ceil(p * 16384), 16383)
     (the keep test quantises p up to 14 bits, see _dropout_keep and _keep_threshold; kept values are scaled by
     1 / (1 - p))."""
+    check_dropout_p(dropout_p)
     levels = DRAW_LEVELS.value
     return 1.0 - min(math.ceil(dropout_p * levels), levels - 1) / levels
 
