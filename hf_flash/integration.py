@@ -79,7 +79,9 @@ def hf_triton_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
         if attention_mask is None:
             return None
         padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
-        return None if padding.all() else padding
+        # No padding at all is cheaper as None; but that is a branch on a tensor's value, which torch.compile
+        # (fullgraph) cannot trace: compiled, the kernels get the all-True mask, with the same result.
+        return padding if torch.compiler.is_compiling() or not bool(padding.all()) else None
     kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
@@ -239,7 +241,8 @@ def _runs_kernels(device):
 
 
 def _keep_mask(dropout_p, batch, heads, q_len, k_len, device):
-    return torch.rand(batch, heads, q_len, k_len, device=device) >= dropout_p
+    # the kernels' keep probability, which attention_reference's scale assumes
+    return torch.rand(batch, heads, q_len, k_len, device=device) < _kernels.kept_probability(dropout_p)
 
 
 def _deterministic(kwargs):

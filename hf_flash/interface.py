@@ -70,6 +70,13 @@ def _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alib
     return float(softmax_scale), left, right
 
 
+def _nonnegative_scale(q, scale):
+    """(q, scale) with scale >= 0: scale * q k^T = |scale| * (-q) k^T, exactly (negation only flips a sign bit).
+    The kernels take the running row max on unscaled scores wherever no element is masked, which is only right
+    for scale >= 0; autograd carries the gradient through the negation."""
+    return (q.neg(), -scale) if scale < 0 else (q, scale)
+
+
 def _check_padding_mask(name, mask, batch, seqlen, device):
     if mask is None:
         return None
@@ -147,8 +154,7 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0,
             Without it, a call with dropout (head dim <= 128; <= 64 in fp32) sums dQ with fp32
             atomics, as FlashAttention-2 does (the mask is then drawn once: a 5-11% faster
             backward), so dQ's rounding varies from run to run.
-            torch.use_deterministic_algorithms(True) has the same effect; HF_FLASH_ATOMIC_DQ=0 turns
-            the atomics off everywhere, =1 uses them without dropout too.
+            torch.use_deterministic_algorithms(True) has the same effect.
         return_lse: also return the log-sum-exp of the scaled scores (bias included, before dropout),
             (batch, nheads, seqlen_q) float32, natural log. It is differentiable.
 
@@ -162,6 +168,7 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0,
     _check_qkv(q, k, v, ndim=4)
     batch = q.shape[0]
     scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alibi_slopes)
+    q, scale = _nonnegative_scale(q, scale)
     key_padding_mask = _check_padding_mask("key_padding_mask", key_padding_mask, batch, k.shape[1], q.device)
     query_padding_mask = _check_padding_mask("query_padding_mask", query_padding_mask, batch, q.shape[1], q.device)
     seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
@@ -199,6 +206,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          f"got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     batch = cu_seqlens_q.numel() - 1
     scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alibi_slopes)
+    q, scale = _nonnegative_scale(q, scale)
     seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
     out, lse = _kernels.run_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None,
                                       None, alibi_slopes, seed, scale, left, right, float(dropout_p), [], 0, 0,
@@ -244,6 +252,7 @@ def block_sparse_attn_func(q, k, v, layout, *, causal=False, softmax_scale=None,
     _check_layout(layout, q, k)
     batch = q.shape[0]
     scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, (-1, -1), None)
+    q, scale = _nonnegative_scale(q, scale)
     key_padding_mask = _check_padding_mask("key_padding_mask", key_padding_mask, batch, k.shape[1], q.device)
     layout_tensors, block_q, block_k = layout.kernel_tensors(causal)
     seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None

@@ -209,17 +209,34 @@ def _tiles(mask_mod, blocks, seqlen_q, seqlen_k, block_q, block_k):
         yield chunk, attended.expand(chunk.shape[0], block_q, block_k), valid
 
 
-def _classify(mask_mod, candidates, seqlen_q, seqlen_k, block_q, block_k):
+def _classify(mask_mod, candidates, seqlen_q, seqlen_k, block_q, block_k, shared=()):
     """Whether some / every valid element of each candidate block is attended by mask_mod.
 
     candidates: bool (B, H, n_q_blocks, n_kv_blocks). Returns (any, all), bool of the same shape,
-    both False outside the candidates.
+    both False outside the candidates. shared: the names among ("batch", "nheads") of the dims the caller
+    shares (size 1): mask_mod is also called with b = 1 (h = 1) on every element, and a different answer
+    raises, since a shared layout would give every batch row (head) the mask of row (head) 0. A mask_mod that
+    cannot be called with index 1 (it indexes a tensor of one row) is taken not to depend on it.
     """
     any_attended, all_attended = torch.zeros_like(candidates), torch.zeros_like(candidates)
+    probes = {name: axis for axis, name in enumerate(("batch", "nheads")) if name in shared}
     for chunk, attended, valid in _tiles(mask_mod, candidates.nonzero(), seqlen_q, seqlen_k, block_q, block_k):
         position = tuple(chunk.T)
         any_attended[position] = (attended & valid).flatten(1).any(1)
         all_attended[position] = (attended | ~valid).flatten(1).all(1)
+        for name, axis in list(probes.items()):
+            moved = chunk.clone()
+            moved[:, axis] = 1
+            try:
+                (_, other, _), = _tiles(mask_mod, moved, seqlen_q, seqlen_k, block_q, block_k)
+            except (IndexError, RuntimeError):
+                del probes[name]
+                continue
+            if ((other != attended) & valid).any():
+                letter = "b" if axis == 0 else "h"
+                raise ValueError(f"mask_mod {_name(mask_mod)} depends on {letter} (it differs between {letter} = 0 "
+                                 f"and {letter} = 1), but the layout is built with {name}=1, shared by every "
+                                 f"{'batch row' if axis == 0 else 'head'}: pass {name}= the real number")
     return any_attended, all_attended
 
 
@@ -479,8 +496,12 @@ class BlockSparseLayout:
         rows (columns) never start in the last wave. q_major and k_major (1,) int32: 1 where the kernels
         should start the same rank of every head together (block-major), see kernels.attention._tile.
         """
+        # Keyed on what they are built from, the tensors' version counters included: a layout whose tensors
+        # were changed in place (or whose mask_mod was replaced) after a call rebuilds them instead of running
+        # stale block lists.
+        key = (tuple(getattr(self, name)._version for name in _CSR_FIELDS), self.mask_mod, self.element_rule)
         cache = self._kernel_tensors
-        if bool(is_causal) not in cache:
+        if cache.get(bool(is_causal), (None,))[0] != key:
             kept, full = self.to_dense(), self.to_dense("full")
             if is_causal:  # the causal builder's block classes: partial on the diagonal, full below it
                 diagonal = causal(self.seqlen_q, self.seqlen_k, self.block_size, self.device)
@@ -512,8 +533,8 @@ class BlockSparseLayout:
                 packed = bits.sum(-1)
                 tiles = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
             tensors = [t.contiguous() for t in (*lists, *orders, *majors, tile_index, tiles, rule)]
-            cache[bool(is_causal)] = (tensors, self.block_q, self.block_k)
-        return cache[bool(is_causal)]
+            cache[bool(is_causal)] = (key, (tensors, self.block_q, self.block_k))
+        return cache[bool(is_causal)][1]
 
     @property
     def density(self) -> float:
@@ -763,7 +784,8 @@ def from_mask_mod(mask_mod: MaskMod, seqlen_q: int, seqlen_k: int | None = None,
     seqlen_q, seqlen_k, block_q, block_k = _grid(seqlen_q, seqlen_k, block_size)
     every_block = torch.ones(batch, nheads, -(-seqlen_q // block_q), -(-seqlen_k // block_k), dtype=torch.bool,
                              device=device)
-    any_attended, all_attended = _classify(mask_mod, every_block, seqlen_q, seqlen_k, block_q, block_k)
+    shared = [name for name, size in (("batch", batch), ("nheads", nheads)) if size == 1]
+    any_attended, all_attended = _classify(mask_mod, every_block, seqlen_q, seqlen_k, block_q, block_k, shared)
     return BlockSparseLayout.from_block_masks(all_attended, any_attended, seqlen_q, seqlen_k, block_size, mask_mod)
 
 

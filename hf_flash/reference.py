@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .kernels.attention import kept_probability
+
 
 def visibility_mask(seqlen_q, seqlen_k, *, causal=False, window_size=(-1, -1), key_padding_mask=None,
                     query_padding_mask=None, device=None):
@@ -69,7 +71,8 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, window_siz
         which keys a query sees, see visibility_mask.
     alibi_slopes: (nheads,) or (batch, nheads); adds -slope * |i + diag - j| to the scaled scores.
     dropout_mask: (batch, nheads, seqlen_q, seqlen_k) bool keep mask, applied to the normalised
-        probabilities with kept ones scaled by 1 / (1 - dropout_p); required when dropout_p > 0.
+        probabilities with kept ones scaled by 1 / kept_probability(dropout_p), as the kernels do (1 - p, with p
+        quantised up to 14 bits); required when dropout_p > 0.
     attn_mask: bool, broadcastable to (batch, nheads, seqlen_q, seqlen_k), True = attend: any further
         element mask (a block-sparse layout's `to_dense_elements()`), combined with the others.
     Returns out (batch, seqlen_q, nheads, headdim) and lse (batch, nheads, seqlen_q), the
@@ -99,7 +102,7 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, window_siz
     probs = torch.softmax(scores, dim=-1) * has_key
     lse = torch.where(has_key.squeeze(-1), torch.logsumexp(scores, dim=-1), float("inf"))
     if dropout_mask is not None:
-        probs = probs * dropout_mask.to(q.device) / (1.0 - dropout_p)
+        probs = probs * dropout_mask.to(q.device) / kept_probability(dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
     return out, lse
 

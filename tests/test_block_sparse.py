@@ -92,10 +92,10 @@ def test_combined_with_causal_padding_dropout(extra):
 
 @pytest.mark.parametrize("rows", ["0", "1"])
 def test_atomic_dq(rows, monkeypatch):
-    """kernels.ATOMIC_DQ: the block-sparse dK/dV kernel sums dQ with atomics over its kept query blocks; in both
-    orientations of its tiles (kernels.DKDV_ROWS), with a mask_mod rule and partial tiles."""
-    monkeypatch.setattr(kernels, "ATOMIC_DQ", "1")
-    monkeypatch.setattr(kernels, "DKDV_ROWS", rows)
+    """kernels._ATOMIC_DQ: the block-sparse dK/dV kernel sums dQ with atomics over its kept query blocks; in both
+    orientations of its tiles (kernels._DKDV_ROWS), with a mask_mod rule and partial tiles."""
+    monkeypatch.setattr(kernels, "_ATOMIC_DQ", "1")
+    monkeypatch.setattr(kernels, "_DKDV_ROWS", rows)
     fresh_tuning(monkeypatch)  # the orientation is tuned: start from no tuned configs
     b, h, hk, sq, sk, d, bs, dtype = _pick([(2, 2, 1, 60, 75, 32, 32, FP32)], [(2, 8, 2, 1500, 1700, 64, 128, BF16)])[0]
     layout = LAYOUTS["bigbird-per-head"](sq, sk, bs, b, h)

@@ -538,13 +538,13 @@ def _check_backward_paths(dropout_p):
 
 @pytest.mark.parametrize("mode, dropout_p", [("1", 0.3), ("1", 0.0), ("dropout", 0.2)])
 def test_atomic_dq(mode, dropout_p, monkeypatch):
-    """kernels.ATOMIC_DQ: the dK/dV kernel sums dQ with atomics (one launch); same gradients as the reference,
+    """kernels._ATOMIC_DQ: the dK/dV kernel sums dQ with atomics (one launch); same gradients as the reference,
     dense (GQA, window, ALiBi, both paddings, lse gradient) and packed."""
-    monkeypatch.setattr(kernels, "ATOMIC_DQ", mode)
+    monkeypatch.setattr(kernels, "_ATOMIC_DQ", mode)
     q, k, v = _check_backward_paths(dropout_p)
 
     # deterministic=True, or torch.use_deterministic_algorithms(True), computes dQ in the dQ kernel whatever
-    # ATOMIC_DQ says (else that kernel only computes delta)
+    # _ATOMIC_DQ says (else that kernel only computes delta)
     launched = []
     launch = kernels._launch
     monkeypatch.setattr(kernels, "_launch", lambda kernel, *a, **kw: launched.append(
@@ -568,12 +568,12 @@ def test_atomic_dq(mode, dropout_p, monkeypatch):
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_dkdv_rows(dropout_p, monkeypatch):
-    """kernels.DKDV_ROWS = "1": the dK/dV kernel's tiles as (queries, keys); same gradients as the reference,
+    """kernels._DKDV_ROWS = "1": the dK/dV kernel's tiles as (queries, keys); same gradients as the reference,
     dense (GQA, window, ALiBi, both paddings, lse gradient) and packed, with and without atomic dQ."""
-    monkeypatch.setattr(kernels, "DKDV_ROWS", "1")
+    monkeypatch.setattr(kernels, "_DKDV_ROWS", "1")
     fresh_tuning(monkeypatch)  # the orientation is tuned: start from no tuned configs
     for atomic_dq in ("0", "dropout"):
-        monkeypatch.setattr(kernels, "ATOMIC_DQ", atomic_dq)
+        monkeypatch.setattr(kernels, "_ATOMIC_DQ", atomic_dq)
         _check_backward_paths(dropout_p)
     chosen = [c.kwargs["QK_ROWS"] for key, c in kernels._CHOSEN.items() if key[0] is kernels._attn_bwd_dkdv]
     assert chosen and all(chosen), chosen
@@ -584,7 +584,7 @@ def test_dkdv_rows(dropout_p, monkeypatch):
                                                      ("tune", False, {False, True})])
 def test_dkdv_rows_candidates(mode, dropout, expected, monkeypatch):
     """Which dK/dV tile orientations the tuner may time: by default both with dropout, (keys, queries) without."""
-    monkeypatch.setattr(kernels, "DKDV_ROWS", mode)
+    monkeypatch.setattr(kernels, "_DKDV_ROWS", mode)
     monkeypatch.setattr(kernels, "AUTOTUNE", True)
     monkeypatch.setattr(kernels, "INTERPRET", False)  # so _prune returns every candidate, not the first
     kept = kernels._prune(kernels._attn_bwd_dkdv.configs, {"Q": torch.empty(0, dtype=FP16)}, BLOCK_D=64,

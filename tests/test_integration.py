@@ -247,6 +247,33 @@ def test_llama_chunked_prefill_from_cache_matches_eager(cache):
     torch.testing.assert_close(logits["hf_triton"], logits["eager"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_padded_batches_compile_fullgraph(family):
+    """torch.compile(fullgraph=True) of a model given a padding mask: no graph break (the mask function decides
+    nothing on tensor values while compiling), and the logits and every parameter gradient match the uncompiled
+    model. Inductor on the GPU, aot_eager on the CPU."""
+    model_class, config, pad_id = MODELS[family]
+    model = build(model_class, config(), ("hf_triton",))["hf_triton"].to(DEVICE)
+    compiled = copy.deepcopy(model)
+    mask = padding_mask("mixed").to(DEVICE)
+    ids = token_ids(mask.cpu(), pad_id).to(DEVICE)
+
+    def logits_and_grads(module, call):
+        module.zero_grad(set_to_none=True)
+        logits = call(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    call = torch.compile(compiled, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    logits, grads = logits_and_grads(compiled, call)
+    ref_logits, ref_grads = logits_and_grads(model, model)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_mask_function_stays_compact_for_plain_patterns():
     """Plain causal / bidirectional patterns give key padding or None (nothing q_len x kv_len); others the 4-D mask."""
     padded = torch.tensor([[False, True, True, True, True], [True] * 5])
@@ -347,8 +374,8 @@ def test_autocast_casts_fp32_inputs_and_fp32_stays_fp32():
 @pytest.mark.parametrize("entry", ["dense", "sparse"])
 def test_deterministic_switches(entry, monkeypatch):
     """transformers' switches, the `deterministic` keyword, else FLASH_ATTENTION_DETERMINISTIC=1, keep the dQ
-    kernel in a training call with dropout; without them dQ is summed with atomics (kernels.ATOMIC_DQ's default)."""
-    monkeypatch.setattr(kernels, "ATOMIC_DQ", "dropout")
+    kernel in a training call with dropout; without them dQ is summed with atomics (kernels._ATOMIC_DQ's default)."""
+    monkeypatch.setattr(kernels, "_ATOMIC_DQ", "dropout")
     launched = []
     launch = kernels._launch
     monkeypatch.setattr(kernels, "_launch", lambda kernel, *a, **kw: launched.append(kw.get("ATOMIC_DQ"))

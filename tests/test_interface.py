@@ -269,7 +269,7 @@ def test_cpu_without_interpreter_says_how_to_run(monkeypatch):
 def test_every_config_is_exact(index, head_dim, dtype, monkeypatch):
     """Each autotuning candidate computes the same function, whichever the tuner picks."""
     monkeypatch.setattr(kernels, "AUTOTUNE", True)
-    monkeypatch.setattr(kernels, "DKDV_ROWS", "tune")  # the dK/dV tiles in both orientations
+    monkeypatch.setattr(kernels, "_DKDV_ROWS", "tune")  # the dK/dV tiles in both orientations
     for kernel in fresh_tuning(monkeypatch):
         configs = kernels._prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=head_dim)
         monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])
@@ -281,9 +281,9 @@ def test_every_config_is_exact(index, head_dim, dtype, monkeypatch):
 @pytest.mark.parametrize("atomic_dq", ["0", "1"])
 def test_autotuner_times_every_config_on_the_gpu(atomic_dq, monkeypatch):
     """The search times each candidate from a CUDA graph (_time_config), in the forward and in the backward
-    (which autograd runs on its device thread), and the tuned kernels are exact; with ATOMIC_DQ (the dQ kernel
+    (which autograd runs on its device thread), and the tuned kernels are exact; with _ATOMIC_DQ (the dQ kernel
     then computes only delta), the tuning runs' dQ sums are reset before the real launch."""
-    monkeypatch.setattr(kernels, "ATOMIC_DQ", atomic_dq)
+    monkeypatch.setattr(kernels, "_ATOMIC_DQ", atomic_dq)
     x = torch.randn(1 << 20, device="cuda")
     median, low, high = kernels._time_config(lambda: x.mul_(1.0), None)
     assert 0 < low <= median <= high < 1.0  # ms; a 4 MB in-place multiply takes microseconds

@@ -420,3 +420,44 @@ def test_partial_block_masks_rebuild_the_elements(grid):
         for b, h, i, j in (tile_index >= 0).nonzero().tolist():
             tile = tiles[tile_index[b, h, i, j]]
             assert not (tile & beyond_the_ends[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]).any()
+
+
+@pytest.mark.parametrize("axis", ["batch", "nheads"])
+def test_from_mask_mod_refuses_to_share_what_the_mask_depends_on(axis):
+    """A mask_mod that depends on h (b) built with the default nheads=1 (batch=1) would give every head (batch
+    row) the mask of head (row) 0: an error naming the argument. One that cannot take index 1 (it reads a
+    one-row tensor) or does not depend on it builds as before."""
+    sq = sk = 48  # so that |q - kv| is brute_window's offset
+    bs = 16
+    if axis == "nheads":
+        depends = lambda b, h, q, kv: (q - kv).abs() <= 3 + 4 * h
+    else:
+        depends = lambda b, h, q, kv: (q // (5 + b)) == (kv // 7)
+    with pytest.raises(ValueError, match=f"depends on {'h' if axis == 'nheads' else 'b'}.*pass {axis}="):
+        L.from_mask_mod(depends, sq, sk, bs, device=DEVICE)
+    layout = L.from_mask_mod(depends, sq, sk, bs, **{axis: 2}, device=DEVICE)
+    assert layout.shape[0 if axis == "batch" else 1] == 2
+
+    one_row = torch.tensor([5], device=DEVICE)
+    reads_one_row = lambda b, h, q, kv: (q - kv).abs() <= one_row[h if axis == "nheads" else b]
+    check_against(L.from_mask_mod(reads_one_row, sq, sk, bs, device=DEVICE), brute_window(sq, sk, 5, 5))
+    check_against(L.from_mask_mod(lambda b, h, q, kv: (q - kv).abs() <= 5, sq, sk, bs, device=DEVICE),
+                  brute_window(sq, sk, 5, 5))
+
+
+def test_kernel_tensors_follow_in_place_changes():
+    """The kernels' block lists are cached on the layout; changing its tensors in place after a call (or
+    replacing its mask_mod) rebuilds them rather than running stale lists."""
+    sq = sk = 64
+    blocks = torch.ones(4, 4, dtype=torch.bool, device=DEVICE)
+    layout = L.from_dense(blocks, sq, sk, 16)
+    first = layout.kernel_tensors()[0]
+    assert layout.kernel_tensors()[0] is first  # cached while nothing changes
+    emptied = L.from_dense(torch.zeros_like(blocks), sq, sk, 16)
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        getattr(layout, name).copy_(getattr(emptied, name))
+    rebuilt = layout.kernel_tensors()[0]
+    assert rebuilt is not first
+    assert all(int(t.sum()) == 0 for t in (rebuilt[0], rebuilt[2], rebuilt[4], rebuilt[6]))
+    layout.mask_mod = lambda b, h, q, kv: q >= kv
+    assert layout.kernel_tensors()[0] is not rebuilt

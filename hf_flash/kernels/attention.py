@@ -27,27 +27,24 @@ import triton.language as tl
 # HF_FLASH_AUTOTUNE=0 skips the config search and takes the first config that fits: no tuning
 # time on the first call of each shape bucket, at some cost in speed (the test suite uses it).
 AUTOTUNE = os.environ.get("HF_FLASH_AUTOTUNE", "1") not in ("", "0")
-# The backward's dQ: "0" a dQ kernel of its own (two launches, deterministic), "dropout" (default) summed by the
-# dK/dV kernel with fp32 atomics when dropout is on, so the keep mask is drawn once instead of twice, as in
-# FlashAttention-2 (H200, p = 0.1: 5-11% faster backward; without dropout atomics gain nothing), "1" always.
+# The backward's dQ: "dropout" (default) sums it in the dK/dV kernel with fp32 atomics when dropout is on, so the
+# keep mask is drawn once instead of twice, as in FlashAttention-2 (H200, p = 0.1: 5-11% faster backward; without
+# dropout atomics gain nothing); "0" always a dQ kernel of its own (two launches), "1" atomics always.
 # deterministic=True, or torch.use_deterministic_algorithms(True), keeps the dQ kernel whatever this says.
-ATOMIC_DQ = os.environ.get("HF_FLASH_ATOMIC_DQ", "dropout")
-if ATOMIC_DQ not in ("0", "dropout", "1"):
-    raise ValueError(f"HF_FLASH_ATOMIC_DQ must be 0, dropout or 1, got {ATOMIC_DQ!r}")
+# A private override for tests and tools (tools/), not a user setting: call reset_tuning() after changing it.
+_ATOMIC_DQ = "dropout"
 # The dK/dV kernel's tile orientation (QK_ROWS, a tuned parameter; see _bwd_dkdv_inner): (keys, queries) or, like
 # the forward, (queries, keys). H200, B4 N4096 d64 p = 0.1: (queries, keys) 0.84-0.85x the backward time, since the
 # dropout mask is then drawn in place; but 1.15x at d128 with dropout and 1.05-1.24x on every shape without dropout.
 # So "dropout" (default): with dropout the tuner times both orientations, without it only (keys, queries);
-# "0" never (queries, keys); "1" only (queries, keys); "tune" both always. Call reset_tuning() after changing it.
-DKDV_ROWS = os.environ.get("HF_FLASH_DKDV_ROWS", "dropout")
-if DKDV_ROWS not in ("0", "dropout", "1", "tune"):
-    raise ValueError(f"HF_FLASH_DKDV_ROWS must be 0, dropout, 1 or tune, got {DKDV_ROWS!r}")
-# The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors for testing. It is read at
-# import time because triton.jit chooses between compiling and interpreting when it decorates.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-INTERPRETED = tl.constexpr(INTERPRET)  # for _philox_words, which reads it as a global (jit globals are constexprs)
+# "0" never (queries, keys); "1" only (queries, keys); "tune" both always. Private, like _ATOMIC_DQ.
+_DKDV_ROWS = "dropout"
+# The interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors for testing. It is read at import time
+# because triton.jit chooses between compiling and interpreting when it decorates. A tl.constexpr, so that jit
+# functions may read it as a global (host code reads it as a bool through bool()).
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 DRAW_LEVELS = tl.constexpr(16384)  # dropout draws are 14-bit: p is quantised up to a multiple of 1 / DRAW_LEVELS
 MAX_HEADDIM = 256
 
@@ -73,10 +70,10 @@ def _prune(configs, named_args, **kwargs):
     """Keep only tiles that fit registers and shared memory for this row width (head dim x dtype)."""
     args = {**named_args, **kwargs}
     row_bytes = args["Q"].element_size() * args["BLOCK_D"]
-    orientation = {}  # the dK/dV kernel's QK_ROWS, as DKDV_ROWS asks
+    orientation = {}  # the dK/dV kernel's QK_ROWS, as _DKDV_ROWS asks
     if "QK_ROWS" in configs[0].kwargs:
-        orientation = {"QK_ROWS": DKDV_ROWS == "1"}  # and for the fallback tile below
-        both = DKDV_ROWS == "tune" or (DKDV_ROWS == "dropout" and bool(args.get("DROPOUT")))
+        orientation = {"QK_ROWS": _DKDV_ROWS == "1"}  # and for the fallback tile below
+        both = _DKDV_ROWS == "tune" or (_DKDV_ROWS == "dropout" and bool(args.get("DROPOUT")))
         if not both:
             configs = [c for c in configs if c.kwargs["QK_ROWS"] == orientation["QK_ROWS"]]
     if not (args.get("DROPOUT") and args["BLOCK_D"] == 64 and args["Q"].element_size() == 2):  # see _FWD_CONFIGS
@@ -289,7 +286,7 @@ def _visible(rows, cols, seq_k, diag, win_left, win_right, kpm_base,
 def _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr):
     """-slope * log2(e) of this (batch, head), so that the bias adds to scores in log2 units."""
     if HAS_ALIBI:
-        return -tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
+        return -tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * LOG2E
     else:
         return 0.0
 
@@ -313,7 +310,7 @@ def _philox_words(seed, rng_rows, groups):
     """The four words of the Philox-4x32 calls (7 rounds) with counters (group, row), shape (rows, groups).
     The counter goes in as a row and a column vector, so the first Philox round works on vectors."""
     rows = rng_rows.to(tl.int64)
-    if INTERPRETED:  # the interpreter has no PTX: tl.philox gives the same words (tests check it on the GPU)
+    if INTERPRET:  # the interpreter has no PTX: tl.philox gives the same words (tests check it on the GPU)
         return tl.philox(seed, groups.to(tl.uint32)[None, :], (rows >> 32).to(tl.uint32)[:, None],
                          rows.to(tl.uint32)[:, None], 0, 7)
     seed = seed.to(tl.uint64)
@@ -361,7 +358,7 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
     time on the fp16/bf16 P (_drop_pairs). Tiles of any size see the same mask, so the forward, both backward
     kernels and dropout_mask() agree; a 32- or 16-key tile computes its span's call and uses half or a quarter.
     An element is kept when its draw >= t = min(ceil(p * 16384), 16383), i.e. when its 16-bit lane >= 4 t: p is
-    quantised up to t / 16384 for the keep test (kept values are still scaled by exactly 1 / (1 - p)). Every
+    quantised up to t / 16384 (the host passes the kernels that quantised p, quantised_dropout_p). Every
     draw is uniform on 14 bits, so each flag is kept with probability exactly 1 - t / 16384; two draws that
     share a byte (the low byte of one lane is the high byte of another) are correlated by ~0.2% (p = 0.1),
     through the ~1/256 chance that the shared byte decides (computed exactly: 0.17%). Sixteen draws per call
@@ -848,7 +845,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         rows = start_m + offs_m
         q = _load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                        rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-        lse2 = tl.load(lse_base + rows, mask=rows < seq_q, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(lse_base + rows, mask=rows < seq_q, other=float("inf")) * LOG2E
         if QK_ROWS:
             s = tl.dot(_mm(q, INTERPRET), _mm(tl.trans(k), INTERPRET), input_precision=PRECISION) * qk_scale
         else:
@@ -861,7 +858,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
                          tile_ptr + start_m // LAYOUT_BQ * tile_stride, TILES, RULE, HAS_LEFT, HAS_RIGHT, False,
                          HAS_TILES, HAS_RULE, LAYOUT_BQ, LAYOUT_BK)
             p = tl.where(keep, p, 0.0)
-        if HAS_KPM:
+        if HAS_KPM or (ATOMIC_DQ and not MASK):
+            # Keys past seqlen_k load as k = 0, so s = 0 and p = exp2(-lse) there, which overflows fp16 when lse is
+            # very negative. Their dK/dV rows are never stored, but the atomic dQ += dS K crosses rows: inf * 0 = NaN.
             p = tl.where(_k_axis(key_kept, QK_ROWS), p, 0.0)
         do = _load_rows(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                         rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
@@ -1099,7 +1098,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
     o = _load_rows(O + off_b * stride_ob + (q_start + rows[:, None]) * stride_om + off_h * stride_oh
                    + offs_d[None, :] * stride_od, rows, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     lse_ptrs = off_b * stride_lb + off_h * stride_lh + q_start + rows
-    lse2 = tl.load(LSE + lse_ptrs, mask=rows < seq_q, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + lse_ptrs, mask=rows < seq_q, other=float("inf")) * LOG2E
     # delta = rowsum(dO * O) - dLSE (d lse_i / d s_ij = p_ij folds into it), stored for the dK/dV kernel,
     # which runs after this one: computed here rather than in a kernel of its own, to save a launch.
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -1159,7 +1158,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
 
 @triton.jit
 def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         TRANSPOSED: tl.constexpr = False, INTERPRET: tl.constexpr = INTERPRET):
+                         TRANSPOSED: tl.constexpr = False, INTERPRET: tl.constexpr = bool(INTERPRET)):
     """The keep mask as int8 (batch * heads * SEQ_Q, SEQ_K); TRANSPOSED draws it as the dK/dV kernel does."""
     start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), SEED, False, False)  # dense order (MAJOR unread)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1295,8 +1294,8 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, dropout_p):
     For tests. For packed sequences, seqlen_* are max_seqlen_* and indices are local to each sequence."""
     out = torch.empty((batch, nheads, seqlen_q, seqlen_k), device=seed.device, dtype=torch.int8)
     if out.numel():
-        _dropout_mask_kernel[(triton.cdiv(seqlen_q, 64) * batch * nheads,)](seed, out, seqlen_q, seqlen_k, dropout_p,
-                                                                             BLOCK_M=64, BLOCK_N=64)
+        _dropout_mask_kernel[(triton.cdiv(seqlen_q, 64) * batch * nheads,)](
+            seed, out, seqlen_q, seqlen_k, quantised_dropout_p(dropout_p), BLOCK_M=64, BLOCK_N=64)
     return out.bool()
 
 
@@ -1305,13 +1304,20 @@ def check_dropout_p(dropout_p):
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
-def kept_probability(dropout_p):
-    """The exact probability that the kernels keep an element: 1 - t / 16384, t = min(ceil(p * 16384), 16383)
-    (the keep test quantises p up to 14 bits, see _dropout_keep and _keep_threshold; kept values are scaled by
-    1 / (1 - p))."""
+def quantised_dropout_p(dropout_p):
+    """The dropout probability the kernels apply: p rounded up to a multiple of 1 / 16384, at most 16383 / 16384
+    (the draws are 14-bit, see _dropout_keep). It is what they are given, exactly representable in fp32, so the
+    keep test (_keep_threshold) and the 1 / (1 - p) scale of kept values agree: the expectation is unbiased for
+    every p, also near 1, where 1 / (1 - p) for the unquantised p would be far off (0.61x at p = 0.9999)."""
     check_dropout_p(dropout_p)
     levels = DRAW_LEVELS.value
-    return 1.0 - min(math.ceil(dropout_p * levels), levels - 1) / levels
+    return min(math.ceil(dropout_p * levels), levels - 1) / levels
+
+
+def kept_probability(dropout_p):
+    """The exact probability that the kernels keep an element, 1 - quantised_dropout_p(p); kept values are scaled
+    by its inverse."""
+    return 1.0 - quantised_dropout_p(dropout_p)
 
 
 def _key_range(key_padding_mask):
@@ -1372,13 +1378,14 @@ def _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_
         stride_lb=lse_strides[0], stride_lh=lse_strides[1], stride_kpm=kpm.stride(0) if kpm is not None else 0,
         stride_ab=alibi_strides[0], stride_ah=alibi_strides[1],
         NHEADS=nheads, GROUP=nheads // k.shape[-2], SEQ_Q=seq_q, SEQ_K=seq_k,
-        qk_scale=softmax_scale * LOG2E, win_left=window_left, win_right=window_right, dropout_p=dropout_p,
+        qk_scale=softmax_scale * LOG2E.value, win_left=window_left, win_right=window_right,
+        dropout_p=quantised_dropout_p(dropout_p),
         SEQ_Q_BUCKET=_bucket(seq_q), SEQ_K_BUCKET=_bucket(seq_k),
         HEAD_DIM=head_dim, BLOCK_D=_bucket(head_dim), IS_VARLEN=varlen,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_KPM=kpm is not None,
         HAS_ALIBI=alibi is not None, DROPOUT=dropout_p > 0.0,
         # fp32 inputs get true fp32 dots: tf32 would be ~1e-3 off, far from PyTorch's fp32 result.
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=INTERPRET,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=bool(INTERPRET),
     )
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
     return ptrs, args, batch
@@ -1424,7 +1431,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
                        key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
                        layout_tensors=(), layout_block_q=0, layout_block_k=0, deterministic=False, features=None):
     """Returns dq, dk, dv (contiguous, in the input dtypes). dlse may be None. features: as in attention_forward.
-    deterministic: never sum dQ with atomics (see ATOMIC_DQ); torch.use_deterministic_algorithms(True) too."""
+    deterministic: never sum dQ with atomics (see _ATOMIC_DQ); torch.use_deterministic_algorithms(True) too."""
     varlen = cu_seqlens_q is not None
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
@@ -1447,7 +1454,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
     # Atomics only where measured (rows up to 256 bytes: head dim 128 in 16 bits): beyond, the dK/dV kernel's fp32
     # dQ tile does not fit shared memory next to its other buffers in the first 64 x 64 candidate (Triton 3.6).
     atomic = not deterministic and q.element_size() * args["BLOCK_D"] <= 256 and (
-        ATOMIC_DQ == "1" or (ATOMIC_DQ == "dropout" and dropout_p > 0.0))
+        _ATOMIC_DQ == "1" or (_ATOMIC_DQ == "dropout" and dropout_p > 0.0))
     # dQ first, which also stores delta for the dK/dV kernel; with atomics only delta, and the dK/dV kernel
     # adds each key block's dQ into an fp32 buffer that this launch zeroes (the dropout mask is then drawn once)
     delta = torch.empty_like(lse)
@@ -1577,7 +1584,31 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         dq, dk, dv, *_ = _backward(ctx, dout, dlse, backward_fn=attention_backward, features=ctx.features)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must not pass for differentiable ones
+            q, k, v = ctx.saved_tensors[:3]
+            dq, dk, dv = _FirstOrderOnly.apply(dq, dk, dv, q, k, v, dout, dlse)
         return dq, dk, dv, None
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the gradients of a create_graph=True backward, raising if anything differentiates through them.
+
+    The backward kernels are not differentiable: without this, a double backward (a gradient penalty) would
+    treat dq, dk, dv as constants and silently drop the second-order term. Raising only when the second
+    backward reaches them keeps create_graph=True usable for losses that do not differentiate through attention."""
+
+    @staticmethod
+    def forward(ctx, dq, dk, dv, *what_they_depend_on):
+        # the inputs they are functions of (q, k, v, dout, dlse) link them into the graph
+        return dq, dk, dv
+
+    @staticmethod
+    def backward(ctx, *grads_of_grads):
+        raise RuntimeError(
+            "hf_flash attention is differentiable once: its backward (dq, dk, dv) has no gradient of its own, so a "
+            "double backward through it (e.g. a gradient penalty with autograd.grad(..., create_graph=True)) is not "
+            "supported. Use attn_implementation=\"eager\" (or \"sdpa\"), or hf_flash.attention_reference, for "
+            "that loss.")
 
 
 def run_attention(*inputs):
