@@ -110,33 +110,86 @@ def test_sparsity_goes_to_the_config():
     assert not hasattr(model.config, "hf_flash_sparsity")
 
 
-def test_peft_lora_trains_the_new_positions():
+def _lora(model, **config):
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny("bert"), peft.LoraConfig(r=4, target_modules=["query", "value"]))
-    assert hf_flash.patch(model, max_positions=NEW) is model
-    rows = table(model.get_base_model()).weight
-    assert rows.requires_grad and rows.shape[0] == NEW
-    before = rows.detach().clone()
-    frozen = model.get_base_model().bert.encoder.layer[0].intermediate.dense.weight.detach().clone()
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["query", "value"], **config))
+
+
+def _train_one_step(model):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
     model(tokens(NEW)).logits.square().mean().backward()
     optimizer.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("order", ["peft_then_patch", "patch_then_peft", "modules_to_save_then_patch"])
+def test_lora_trains_saves_and_reloads_the_new_positions(order, tmp_path):
+    """Whichever order PEFT and the patch come in, LoRA trains the rows past the pretrained length, saves them in
+    the adapter, and the adapter reloads onto a freshly patched base model with the same outputs."""
+    peft = pytest.importorskip("peft")
+    base = tiny("bert", attn="sdpa")
+    base.save_pretrained(tmp_path / "base")
+    if order == "peft_then_patch":
+        model = hf_flash.patch(_lora(base), max_positions=NEW)
+    elif order == "patch_then_peft":
+        model = hf_flash.train_positions(_lora(hf_flash.patch(base, max_positions=NEW)))
+    else:
+        model = hf_flash.patch(_lora(base, modules_to_save=["position_embeddings"]), max_positions=NEW)
+    rows = table(model.get_base_model()).weight  # the adapter's trained copy
+    assert rows.requires_grad and rows.shape[0] == NEW
+    before = rows.detach().clone()
+    frozen = model.get_base_model().bert.encoder.layer[0].intermediate.dense.weight.detach().clone()
+    _train_one_step(model)
     assert (rows.detach() - before)[OLD:].abs().sum(dim=1).gt(0).all()
     assert torch.equal(model.get_base_model().bert.encoder.layer[0].intermediate.dense.weight, frozen)
 
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = hf_flash.patch(BertForMaskedLM.from_pretrained(tmp_path / "base"), max_positions=NEW)
+    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    x = tokens(2 * OLD)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, model(x).logits)
+        merged = model.merge_and_unload()
+        assert torch.equal(table(merged).weight, rows.detach()) and torch.equal(merged(x).logits, model(x).logits)
+
+
+def test_train_positions_needs_a_peft_model():
+    with pytest.raises(TypeError, match="PEFT model"):
+        hf_flash.train_positions(tiny("bert"))
+
 
 def test_save_and_load_round_trip(tmp_path):
+    """A saved patched model names no hf_flash attention (it must load where hf_flash is not installed): it reloads
+    with transformers' default attention, and with hf_triton when asked for."""
     model = hf_flash.patch(tiny("roberta", attn="sdpa"), max_positions=NEW).eval()
     model.save_pretrained(tmp_path)
+    assert "hf_triton" not in (tmp_path / "config.json").read_text().replace(
+        '"hf_flash_original_attn_implementation": "sdpa"', "")
     loaded, info = RobertaForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert loaded.config._attn_implementation == "hf_triton"
+    assert loaded.config._attn_implementation == "sdpa"
+    assert loaded.config.hf_flash_pretrained_positions == OLD
     assert torch.equal(table(loaded).weight, table(model).weight.cpu())
+    ours = RobertaForMaskedLM.from_pretrained(tmp_path, attn_implementation="hf_triton").to(DEVICE).eval()
+    assert ours.config._attn_implementation == "hf_triton"
     x = tokens(20)
     with torch.no_grad():
-        assert torch.equal(loaded.to(DEVICE).eval()(x).logits, model(x).logits)
-    assert hf_flash.unpatch(loaded).config._attn_implementation == "sdpa"
+        torch.testing.assert_close(ours(x).logits, model(x).logits)
+    assert hf_flash.unpatch(ours).config._attn_implementation == "sdpa"
+
+
+def test_unpatch_after_loading_with_hf_triton(tmp_path):
+    """The README's snippet: load with attn_implementation="hf_triton", patch, unpatch -> what the model would have
+    had without hf_flash (transformers' default, sdpa), not hf_triton again."""
+    tiny("gpt2", attn="sdpa").save_pretrained(tmp_path)
+    model = GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="hf_triton")
+    hf_flash.patch(model, max_positions=NEW)
+    assert hf_flash.unpatch(model).config._attn_implementation == "sdpa"
+    eager = GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager")
+    hf_flash.patch(eager)
+    hf_flash.patch(eager, max_positions=NEW)  # a second patch keeps the first original
+    assert hf_flash.unpatch(eager).config._attn_implementation == "eager"
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

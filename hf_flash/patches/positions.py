@@ -25,29 +25,9 @@ def extended_table(weight, rows, offset=0, init="copy"):
     return torch.cat([head, new.to(weight.dtype)])
 
 
-def extend_position_embeddings(model, family, max_positions, init="copy"):
-    """Replaces the family's position table in `model` (a transformers model, maybe with PEFT layers injected) by
-    one with `max_positions` positions, grows the position-sized buffers beside it and updates the config.
-    Returns the new nn.Embedding, or None when the table already has `max_positions` positions."""
-    matches = [name for name, _ in model.named_modules()
-               if name == family.position_embedding or name.endswith("." + family.position_embedding)]
-    if len(matches) != 1:
-        raise ValueError(f"expected one position table named '*{family.position_embedding}' in "
-                         f"{type(model).__name__}, found {matches}")
-    parent_name, _, attr = matches[0].rpartition(".")
-    parent = model.get_submodule(parent_name)
-    old = getattr(parent, attr)
-    if not isinstance(old, nn.Embedding):
-        raise TypeError(f"{matches[0]} is a {type(old).__name__}, not an nn.Embedding (wrapped by PEFT's "
-                        f"modules_to_save?); call hf_flash.patch before wrapping it")
-    offset = family.position_offset(model.config)
-    current = old.num_embeddings - offset
-    if max_positions < current:
-        raise ValueError(f"max_positions={max_positions} is smaller than the {current} positions the model "
-                         f"already has; position tables are only extended, never truncated")
-    if max_positions == current:
-        return None
-    rows = max_positions + offset
+def _grown(old, rows, offset, init):
+    """A new nn.Embedding holding `old`'s table extended to `rows` rows, with `old`'s dtype, device, mode and
+    requires_grad."""
     with torch.no_grad():
         weight = extended_table(old.weight.detach(), rows, offset, init)
     new = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx, device=weight.device, dtype=weight.dtype)
@@ -55,7 +35,59 @@ def extend_position_embeddings(model, family, max_positions, init="copy"):
         new.weight.copy_(weight)
     new.weight.requires_grad_(old.weight.requires_grad)
     new.train(old.training)
-    setattr(parent, attr, new)
+    return new
+
+
+def _peft_copies(module):
+    """PEFT's ModulesToSaveWrapper (the table listed in `modules_to_save`) holds the frozen original and one trained
+    copy per adapter; returns {attribute path: embedding} for all of them, or None for a plain module."""
+    if not (hasattr(module, "original_module") and hasattr(module, "modules_to_save")):
+        return None
+    copies = {"original_module": module.original_module}
+    copies.update({f"modules_to_save.{name}": copy for name, copy in module.modules_to_save.items()})
+    return copies
+
+
+def position_table(model, family):
+    """(parent module, attribute name, the table module) of the family's position table in `model`."""
+    matches = [name for name, _ in model.named_modules()
+               if name == family.position_embedding or name.endswith("." + family.position_embedding)]
+    if len(matches) != 1:
+        raise ValueError(f"expected one position table named '*{family.position_embedding}' in "
+                         f"{type(model).__name__}, found {matches}")
+    parent_name, _, attr = matches[0].rpartition(".")
+    parent = model.get_submodule(parent_name)
+    return parent, attr, getattr(parent, attr)
+
+
+def extend_position_embeddings(model, family, max_positions, init="copy"):
+    """Replaces the family's position table in `model` (a transformers model, maybe with PEFT layers injected) by
+    one with `max_positions` positions, grows the position-sized buffers beside it and updates the config. A table
+    that PEFT wraps for `modules_to_save` has its original and each adapter's trained copy extended alike.
+    Returns the new nn.Embedding (the wrapper, under PEFT), or None when the table already has `max_positions`
+    positions."""
+    parent, attr, old = position_table(model, family)
+    copies = _peft_copies(old)
+    embeddings = list(copies.values()) if copies else [old]
+    if not all(isinstance(e, nn.Embedding) for e in embeddings):
+        raise TypeError(f"{family.position_embedding} is a {type(old).__name__}, not an nn.Embedding")
+    offset = family.position_offset(model.config)
+    current = embeddings[0].num_embeddings - offset
+    if max_positions < current:
+        raise ValueError(f"max_positions={max_positions} is smaller than the {current} positions the model "
+                         f"already has; position tables are only extended, never truncated")
+    if max_positions == current:
+        return None
+    rows = max_positions + offset
+    if copies:
+        for path, embedding in copies.items():
+            owner_path, _, name = path.rpartition(".")
+            owner = old.get_submodule(owner_path) if owner_path else old
+            setattr(owner, name, _grown(embedding, rows, offset, init))
+        new = old
+    else:
+        new = _grown(old, rows, offset, init)
+        setattr(parent, attr, new)
 
     for name in family.buffers:
         buffer = getattr(parent, name, None)

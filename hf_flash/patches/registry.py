@@ -34,3 +34,12 @@ def family_of(config):
                          f"{sorted(REGISTRY)}. Other models that use transformers' AttentionInterface can still "
                          f"load with attn_implementation=\"hf_triton\" after `import hf_flash`.")
     return REGISTRY[model_type]
+
+
+def position_capacity(config):
+    """Positions `config`'s absolute position table encodes, or None for a model_type the registry does not know
+    (its positions cannot be extended by hf_flash.patch)."""
+    family = REGISTRY.get(getattr(config, "model_type", None))
+    if family is None:
+        return None
+    return config.max_position_embeddings - family.position_offset(config)
