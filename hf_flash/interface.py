@@ -223,6 +223,11 @@ def _check_layout(layout, q, k):
     if layout.device != q.device:
         raise ValueError(f"layout must be on {q.device} (layout.to(device)), got {layout.device}")
     batch, heads = layout.shape[:2]
+    for name, letter, size in (("batch", "b", q.shape[0]), ("nheads", "h", q.shape[2])):
+        if name in layout.depends_on and size > 1:
+            raise ValueError(f"layout was built with {name}=1, but its mask_mod depends on {letter}: it holds the "
+                             f"mask of {letter} = 0 only, and q has {size}. Build it with "
+                             f"layouts.from_mask_mod(..., {name}={size})")
     if batch not in (1, q.shape[0]) or heads not in (1, q.shape[2]):
         raise ValueError(f"layout has batch {batch} and heads {heads}; they must be 1 (shared) or those of q "
                          f"({q.shape[0]}, {q.shape[2]})")

@@ -213,13 +213,13 @@ def _classify(mask_mod, candidates, seqlen_q, seqlen_k, block_q, block_k, shared
     """Whether some / every valid element of each candidate block is attended by mask_mod.
 
     candidates: bool (B, H, n_q_blocks, n_kv_blocks). Returns (any, all), bool of the same shape,
-    both False outside the candidates. shared: the names among ("batch", "nheads") of the dims the caller
-    shares (size 1): mask_mod is also called with b = 1 (h = 1) on every element, and a different answer
-    raises, since a shared layout would give every batch row (head) the mask of row (head) 0. A mask_mod that
-    cannot be called with index 1 (it indexes a tensor of one row) is taken not to depend on it.
+    both False outside the candidates, and the names among `shared` ("batch", "nheads": dims of size 1) that
+    mask_mod depends on: it is also called with b = 1 (h = 1) on every element, and answers differently. A
+    mask_mod that cannot be called with index 1 (it indexes a tensor of one row) is taken not to depend on it.
     """
     any_attended, all_attended = torch.zeros_like(candidates), torch.zeros_like(candidates)
     probes = {name: axis for axis, name in enumerate(("batch", "nheads")) if name in shared}
+    depends = []
     for chunk, attended, valid in _tiles(mask_mod, candidates.nonzero(), seqlen_q, seqlen_k, block_q, block_k):
         position = tuple(chunk.T)
         any_attended[position] = (attended & valid).flatten(1).any(1)
@@ -230,14 +230,22 @@ def _classify(mask_mod, candidates, seqlen_q, seqlen_k, block_q, block_k, shared
             try:
                 (_, other, _), = _tiles(mask_mod, moved, seqlen_q, seqlen_k, block_q, block_k)
             except (IndexError, RuntimeError):
-                del probes[name]
-                continue
+                other = attended
             if ((other != attended) & valid).any():
-                letter = "b" if axis == 0 else "h"
-                raise ValueError(f"mask_mod {_name(mask_mod)} depends on {letter} (it differs between {letter} = 0 "
-                                 f"and {letter} = 1), but the layout is built with {name}=1, shared by every "
-                                 f"{'batch row' if axis == 0 else 'head'}: pass {name}= the real number")
-    return any_attended, all_attended
+                depends.append(name)
+                del probes[name]
+    return any_attended, all_attended, tuple(sorted(depends))
+
+
+def _check_broadcast(layout, other):
+    """A layout whose mask_mod depends on a dim it shares (depends_on) holds index 0's mask only: it must not be
+    broadcast against a layout with that dim real."""
+    for name in layout.depends_on:
+        size = other.shape[0 if name == "batch" else 1]
+        if size > 1:
+            letter = "b" if name == "batch" else "h"
+            raise ValueError(f"a layout built with {name}=1 whose mask_mod depends on {letter} cannot be combined "
+                             f"with one of {name} {size}: build it with {name}={size}")
 
 
 class _LayoutMaskMod:
@@ -357,6 +365,9 @@ class BlockSparseLayout:
     # (left, right, n_global) = (j - i - diag in [-left, right]) | (i < n_global) | (j < n_global),
     # left/right None meaning "no window term" and RULE_UNBOUNDED an open side. None: use tiles of mask_mod.
     element_rule: tuple | None = None
+    # The dims of size 1 ("batch", "nheads") that mask_mod depends on (from_mask_mod finds them): the layout then
+    # holds the mask of b = 0 (h = 0) only, and block_sparse_attn_func refuses q with more batch rows (heads).
+    depends_on: tuple = ()
 
     def __post_init__(self):
         # kernel_tensors() results per is_causal. A plain attribute, not __dict__.setdefault: Dynamo
@@ -384,7 +395,7 @@ class BlockSparseLayout:
     @classmethod
     def from_block_masks(cls, full: Tensor, partial: Tensor | None, seqlen_q: int, seqlen_k: int | None = None,
                          block_size=128, mask_mod: MaskMod | None = None,
-                         element_rule: tuple | None = None) -> BlockSparseLayout:
+                         element_rule: tuple | None = None, depends_on: tuple = ()) -> BlockSparseLayout:
         """A layout from dense bool block masks of shape ([B,] [H,] n_q_blocks, n_kv_blocks).
 
         full: the full blocks; partial: the partial ones (None: none), where a block also in full
@@ -400,7 +411,7 @@ class BlockSparseLayout:
         kv, full_kv = _to_csr(partial), _to_csr(full)
         q, full_q = _to_csr(partial.transpose(-1, -2)), _to_csr(full.transpose(-1, -2))
         return cls(*kv, *full_kv, *q, *full_q, seqlen_q, seqlen_k, (block_q, block_k), mask_mod,
-                   element_rule if mask_mod is not None else None)
+                   element_rule if mask_mod is not None else None, depends_on if mask_mod is not None else ())
 
     # -- shape ----------------------------------------------------------------------------------
 
@@ -567,6 +578,8 @@ class BlockSparseLayout:
             torch.broadcast_shapes(self.shape, other.shape)
         except RuntimeError:
             raise ValueError(f"layout shapes {self.shape} and {other.shape} do not broadcast") from None
+        _check_broadcast(self, other)
+        _check_broadcast(other, self)
         kept_a, full_a = self.to_dense(), self.to_dense("full")
         kept_b, full_b = other.to_dense(), other.to_dense("full")
         kept = kept_a | kept_b if union else kept_a & kept_b
@@ -580,12 +593,12 @@ class BlockSparseLayout:
         # A block partial on one side and full or absent on the other keeps its class exactly; one
         # partial on both sides may turn full (union) or empty (intersection): evaluate only those.
         both_partial = (kept_a & ~full_a) & (kept_b & ~full_b)
-        any_attended, all_attended = _classify(mask_mod, both_partial, self.seqlen_q, self.seqlen_k,
-                                               self.block_q, self.block_k)
+        any_attended, all_attended, _ = _classify(mask_mod, both_partial, self.seqlen_q, self.seqlen_k,
+                                                  self.block_q, self.block_k)
         kept = kept & ~(both_partial & ~any_attended)
         full = full | all_attended
         return BlockSparseLayout.from_block_masks(full, kept, self.seqlen_q, self.seqlen_k, self.block_size, mask_mod,
-                                                  rule)
+                                                  rule, tuple(sorted({*self.depends_on, *other.depends_on})))
 
     def __or__(self, other):
         """Union: an element is attended if either layout attends it."""
@@ -776,7 +789,9 @@ def from_mask_mod(mask_mod: MaskMod, seqlen_q: int, seqlen_k: int | None = None,
     h, (P, block_q, 1) for q_idx and (P, 1, block_k) for kv_idx, over chunks of P blocks (to bound
     memory), and with all indices in range. A block is full if mask_mod is True on all its valid
     elements, partial if on some, skipped if on none. b runs over range(batch), h over
-    range(nheads): pass batch=1 / nheads=1 when mask_mod does not depend on them (shared layout).
+    range(nheads): pass batch=1 / nheads=1 when mask_mod does not depend on them (shared layout). A mask_mod that
+    gives b = 1 (h = 1) another mask than b = 0 (h = 0) is recorded in depends_on, and such a layout is refused
+    for q with more than one batch row (head).
     The layout keeps mask_mod for its partial blocks.
     """
     _check_mask_mod("mask_mod", mask_mod)
@@ -785,8 +800,10 @@ def from_mask_mod(mask_mod: MaskMod, seqlen_q: int, seqlen_k: int | None = None,
     every_block = torch.ones(batch, nheads, -(-seqlen_q // block_q), -(-seqlen_k // block_k), dtype=torch.bool,
                              device=device)
     shared = [name for name, size in (("batch", batch), ("nheads", nheads)) if size == 1]
-    any_attended, all_attended = _classify(mask_mod, every_block, seqlen_q, seqlen_k, block_q, block_k, shared)
-    return BlockSparseLayout.from_block_masks(all_attended, any_attended, seqlen_q, seqlen_k, block_size, mask_mod)
+    any_attended, all_attended, depends_on = _classify(mask_mod, every_block, seqlen_q, seqlen_k, block_q, block_k,
+                                                       shared)
+    return BlockSparseLayout.from_block_masks(all_attended, any_attended, seqlen_q, seqlen_k, block_size, mask_mod,
+                                              depends_on=depends_on)
 
 
 __all__ = [

@@ -423,26 +423,39 @@ def test_partial_block_masks_rebuild_the_elements(grid):
 
 
 @pytest.mark.parametrize("axis", ["batch", "nheads"])
-def test_from_mask_mod_refuses_to_share_what_the_mask_depends_on(axis):
-    """A mask_mod that depends on h (b) built with the default nheads=1 (batch=1) would give every head (batch
-    row) the mask of head (row) 0: an error naming the argument. One that cannot take index 1 (it reads a
-    one-row tensor) or does not depend on it builds as before."""
+def test_a_mask_mod_that_depends_on_a_shared_dim_is_not_broadcast(axis):
+    """A mask_mod that depends on h (b) built with the default nheads=1 (batch=1) holds head (row) 0's mask: it is
+    recorded, and using the layout for more heads (batch rows), directly or combined with a per-head (per-row)
+    layout, is an error naming the argument. One that cannot take index 1 (it reads a one-row tensor) or does
+    not depend on it is shared as before."""
+    import hf_flash
     sq = sk = 48  # so that |q - kv| is brute_window's offset
     bs = 16
+    letter = "h" if axis == "nheads" else "b"
     if axis == "nheads":
         depends = lambda b, h, q, kv: (q - kv).abs() <= 3 + 4 * h
     else:
         depends = lambda b, h, q, kv: (q // (5 + b)) == (kv // 7)
-    with pytest.raises(ValueError, match=f"depends on {'h' if axis == 'nheads' else 'b'}.*pass {axis}="):
-        L.from_mask_mod(depends, sq, sk, bs, device=DEVICE)
-    layout = L.from_mask_mod(depends, sq, sk, bs, **{axis: 2}, device=DEVICE)
-    assert layout.shape[0 if axis == "batch" else 1] == 2
+    layout = L.from_mask_mod(depends, sq, sk, bs, device=DEVICE)
+    assert layout.depends_on == (axis,) and layout.to(DEVICE).depends_on == (axis,)
+    one = torch.zeros(1, sq, 1, 16, device=DEVICE)
+    hf_flash.block_sparse_attn_func(one, one, one, layout)  # one head, one row: the mask of h = b = 0 is right
+    two = torch.zeros(2, sq, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=f"built with {axis}=1, but its mask_mod depends on {letter}.*{axis}=2"):
+        hf_flash.block_sparse_attn_func(two, two, two, layout)
+    real = {axis: 2}
+    per_dim = L.from_mask_mod(depends, sq, sk, bs, **real, device=DEVICE)
+    assert per_dim.depends_on == () and per_dim.shape[0 if axis == "batch" else 1] == 2
+    with pytest.raises(ValueError, match=f"depends on {letter} cannot be combined.*{axis}=2"):
+        layout | per_dim
+    assert (layout | L.local(4, sq, sk, bs, device=DEVICE)).depends_on == (axis,)
 
     one_row = torch.tensor([5], device=DEVICE)
     reads_one_row = lambda b, h, q, kv: (q - kv).abs() <= one_row[h if axis == "nheads" else b]
-    check_against(L.from_mask_mod(reads_one_row, sq, sk, bs, device=DEVICE), brute_window(sq, sk, 5, 5))
-    check_against(L.from_mask_mod(lambda b, h, q, kv: (q - kv).abs() <= 5, sq, sk, bs, device=DEVICE),
-                  brute_window(sq, sk, 5, 5))
+    for shared in (L.from_mask_mod(reads_one_row, sq, sk, bs, device=DEVICE),
+                   L.from_mask_mod(lambda b, h, q, kv: (q - kv).abs() <= 5, sq, sk, bs, device=DEVICE)):
+        assert shared.depends_on == ()
+        check_against(shared, brute_window(sq, sk, 5, 5))
 
 
 def test_kernel_tensors_follow_in_place_changes():
