@@ -10,7 +10,7 @@ bf16, batch 1, 12 heads, headdim 64, block size 128. Flex gets a BlockMask built
 CSR lists (BlockMask.from_kv_blocks) with the element predicate as a pure index function; before
 timing, the BlockMask's blocks and elements are compared with the layout's, and the outputs and
 gradients of both kernels with each other. Our kernels are retuned for every case
-(kernels.attention.reset_tuning), as a model using that one layout would tune them. Predicted = dense
+(reset_tuning), as a model using that one layout would tune them. Predicted = dense
 hf_flash time x block density (target: actual / predicted <= 1.25; the same ratio for Flex against dense Flex
 is reported too); Flex / ours > 1 means hf_flash is faster (target >= 1.0). Times are triton.testing.do_bench
 medians of a call (the backward: autograd.grad on a retained graph), so at small sizes they hold host latency
@@ -21,21 +21,17 @@ prints the table last.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention, or_masks
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-import hf_flash  # noqa: E402
-from bench_features import fwd_bwd  # noqa: E402
-from bench_host import kernel_times  # noqa: E402
-from bench_kernels import attempt, environment, fmt, pyplot, sdpa  # noqa: E402
-from hf_flash import layouts  # noqa: E402
-from hf_flash.kernels import attention as attention_kernels  # noqa: E402
+from _common import (DOCS_BENCHMARKS, attempt, describe_config, environment, environment_line, fmt, fwd_bwd_ms,
+                     jsonable_args, kernel_times, kernels, pyplot, require_cuda, save_figure, sdpa, write_outputs)
+
+import hf_flash
+from hf_flash import layouts
 
 BATCH, HEADS, HEADDIM, DTYPE, DEVICE = 1, 12, 64, torch.bfloat16, "cuda"
 ELEMENT_CHECK_MAX_SEQLEN = 8192  # the element-level mask comparison materialises seqlen^2 bools
@@ -128,16 +124,16 @@ def kernel_ms(fwd, inputs, reps=20):
 
 def chosen_configs():
     """The block-sparse kernels' autotuned configs, kernel -> 'BLOCK_MxBLOCK_N wWARPS sSTAGES'."""
-    sparse = attention_kernels._TUNE_KEY.index("SPARSE") + 2  # _CHOSEN keys: (kernel, dtype, *tune key)
-    return {key[0].base_fn.__name__: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
-            for key, c in attention_kernels._CHOSEN.items() if key[sparse]}
+    attention = kernels()
+    sparse = attention._TUNE_KEY.index("SPARSE") + 2  # _CHOSEN keys: (kernel, dtype, *tune key)
+    return {key[0].base_fn.__name__: describe_config(c) for key, c in attention._CHOSEN.items() if key[sparse]}
 
 
 def bench_case(key, n, flex, dense_cache):
     title, build, flex_mask_mod, _ = CASES[key]
     # Tune for this layout, as a model using it would: configs are keyed by lengths and flags, not by the
     # layout, so without this a layout runs with whatever an earlier case with the same key was tuned on.
-    attention_kernels.reset_tuning()
+    kernels().reset_tuning()
     row = {"case": key, "title": title, "seqlen": n, "fwd_ms": {}, "bwd_ms": {}, "fwd_kernel_ms": {}, "bwd_kernel_ms": {},
            "errors": {}}
     layout = build(n, DEVICE)
@@ -158,7 +154,7 @@ def bench_case(key, n, flex, dense_cache):
         if name in dense and (n, name) in dense_cache:  # dense times depend on n only
             times, err = dense_cache[n, name]
         else:
-            times, err = attempt(lambda: fwd_bwd(fn, inputs))
+            times, err = attempt(lambda: fwd_bwd_ms(fn, inputs))
             if name in dense:
                 dense_cache[n, name] = times, err
         row["fwd_ms"][name], row["bwd_ms"][name] = times or (None, None)
@@ -195,7 +191,7 @@ def ms(row, method):
 def markdown(results):
     env = results["env"]
     lines = [f"# Block-sparse attention: {env['gpu']}", "",
-             f"torch {env['torch']}, triton {env['triton']}, hf_flash {env['hf_flash']}; {env['date']}. bf16, batch "
+             f"{environment_line(env)} bf16, batch "
              f"{BATCH}, {HEADS} heads, hd {HEADDIM}, block 128. ms fwd / bwd (median). predicted = dense hf_flash × "
              "density (target actual ÷ predicted ≤ 1.25; Flex's own: Flex ÷ (dense Flex × density)); Flex ÷ ours > 1: hf_flash faster (target ≥ 1.0). diff: "
              "max |out ours − out Flex| / max relative gradient difference. — = failed (see the JSON).", "",
@@ -226,9 +222,10 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
+def plot(results, path):
+    rows = results["rows"]
     plt = pyplot()
-    if plt is None:
+    if plt is None or not rows:
         return
     labels = [f"{r['case']}\n{r['seqlen'] // 1024}K" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows)), 4.5), squeeze=False)
@@ -240,10 +237,7 @@ def plot(rows, path):
         ax.set_xticks(range(len(rows)), labels, fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}", flush=True)
+    save_figure(plt, fig, path)
 
 
 def density_sweep(flex, n, half_widths=(0, 1, 2, 4, 8, 16, 32, 63)):
@@ -253,7 +247,7 @@ def density_sweep(flex, n, half_widths=(0, 1, 2, 4, 8, 16, 32, 63)):
     blocks = -(-n // 128)
     rows = []
     for w in half_widths:
-        attention_kernels.reset_tuning()
+        kernels().reset_tuning()
         i = torch.arange(blocks, device=DEVICE)
         layout = layouts.from_dense((i[:, None] - i[None, :]).abs() <= w, seqlen_q=n, seqlen_k=n)
         block_mask = block_mask_of(layout, kept_block_mask_mod(layout))
@@ -277,10 +271,10 @@ def density_sweep(flex, n, half_widths=(0, 1, 2, 4, 8, 16, 32, 63)):
     return {"seqlen": n, "rows": rows, "fits": fits}
 
 
-def sweep_markdown(sweep, env):
-    n, rows, fits = sweep["seqlen"], sweep["rows"], sweep["fits"]
+def sweep_markdown(sweep):
+    env, n, rows, fits = sweep["env"], sweep["seqlen"], sweep["rows"], sweep["fits"]
     lines = [f"# Block-sparse time against kept blocks: {env['gpu']}", "",
-             f"torch {env['torch']}, triton {env['triton']}; {env['date']}. bf16, batch {BATCH}, {HEADS} heads, hd "
+             f"{environment_line(env)} bf16, batch {BATCH}, {HEADS} heads, hd "
              f"{HEADDIM}, N {n}, block 128, banded layouts of full blocks (|i − j| ≤ w blocks). GPU kernel ms "
              "(torch.profiler), fwd / bwd.", "",
              "| w | kept blocks per row | density | hf_flash | Flex |", "|---:|---:|---:|---:|---:|"]
@@ -317,7 +311,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="the 4096 cases only")
     p.add_argument("--seqlens", type=int, nargs="+", help="run every selected case at these lengths")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    p.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks")
+    p.add_argument("--out-dir", type=Path, default=DOCS_BENCHMARKS)
     p.add_argument("--name", default="bench_block_sparse", help="output file stem: <out-dir>/<name>.{json,md,png}")
     p.add_argument("--cpu-check", action="store_true", help="no timing: check layouts vs Flex BlockMasks on the CPU")
     p.add_argument("--sweep", type=int, metavar="N", help="instead: kernel time against kept blocks per row at length N, "
@@ -325,8 +319,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.cpu_check:
         cpu_check()
-    if not torch.cuda.is_available():
-        sys.exit("bench_block_sparse.py needs a CUDA GPU (or pass --cpu-check)")
+    require_cuda("bench_block_sparse.py", " (or pass --cpu-check)")
     if args.quick:
         grid = [(key, 4096) for key in args.cases if 4096 in CASES[key][3]]
     else:
@@ -335,22 +328,18 @@ def main(argv=None):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
-    # The backward is timed on a retained graph (bench_features.fwd_bwd); compiled backwards that donate their
+    # The backward is timed on a retained graph (_common.fwd_bwd_ms); compiled backwards that donate their
     # saved buffers refuse retain_graph=True, so donation is switched off (it only saves memory).
     import torch._functorch.config as functorch_config
     functorch_config.donated_buffer = False
     flex = torch.compile(flex_attention, dynamic=False)
-    results = {"env": environment(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    results = {"env": environment(), "args": jsonable_args(args),
                "rows": []}
     dense_cache = {}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / args.name  # + .json, .md, .png
     print(f"{results['env']['gpu']} | torch {results['env']['torch']} | triton {results['env']['triton']}", flush=True)
     if args.sweep:
-        sweep = density_sweep(flex, args.sweep)
-        Path(f"{out}_sweep.json").write_text(json.dumps({"env": results["env"], **sweep}, indent=1))
-        md = sweep_markdown(sweep, results["env"])
-        Path(f"{out}_sweep.md").write_text(md)
+        sweep = {"env": results["env"], **density_sweep(flex, args.sweep)}
+        md = write_outputs(args.out_dir, f"{args.name}_sweep", sweep, sweep_markdown)
         print(md, flush=True)
         return
     for i, (key, n) in enumerate(grid, 1):
@@ -364,11 +353,9 @@ def main(argv=None):
               f"flex/ours {pair(row, 'flex_over_ours')} (kernels {pair(row, 'kernel_flex_over_ours')}) "
               f"actual/predicted {pair(row, 'actual_over_predicted')} "
               f"{row['errors'] or ''}", flush=True)
-        Path(f"{out}.json").write_text(json.dumps(results, indent=1))
-    md = markdown(results)
-    Path(f"{out}.md").write_text(md)
-    plot(results["rows"], Path(f"{out}.png"))
-    print(f"wrote {out}.json and {out}.md\n\n{md}", flush=True)
+        write_outputs(args.out_dir, args.name, results)  # a run cut short keeps the cases it finished
+    md = write_outputs(args.out_dir, args.name, results, markdown, plot)
+    print(f"\n{md}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,23 @@
 """What attention dropout costs the forward: ours against SDPA's FlashAttention-2 and cuDNN backends, in one run.
 
-For each shape, the forward's time at p = 0 and at p = 0.1 (fp16, do_bench median), the cost t(p) / t(0) - 1,
-and the forward tile our tuner chose at each p. Issue 3 asks <= 15% for ours. Forward only: bench_kernels.py
---cases dropout times the backward too (against FA2 only) and checks the kept fraction.
+For each shape, the forward's time at p = 0 and at p = 0.1 (fp16, do_bench mean over 200 ms after 50 ms of
+warm-up), the cost t(p) / t(0) - 1, and the forward tile our tuner chose at each p (each shape tuned for itself).
+Forward only: bench_kernels.py --cases dropout times the backward too (against FA2 only) and checks the kept
+fraction.
 
     python benchmarks/bench_dropout_cost.py --out-dir docs/benchmarks
 
 Writes <out-dir>/<name>.{json,md}. Needs a CUDA GPU.
 """
 import argparse
-import datetime
-import json
-import sys
 from pathlib import Path
 
 import torch
-import triton
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-import hf_flash  # noqa: E402
-from bench_kernels import sdpa  # noqa: E402
-from hf_flash.kernels import attention as A  # noqa: E402
-from tune_report import describe  # noqa: E402
+from _common import (DOCS_BENCHMARKS, bench_ms, describe_config, environment, environment_line, kernels,
+                     require_cuda, sdpa, write_outputs)
+
+import hf_flash
 
 # (batch, seqlen, heads, head dim, causal): batch·seqlen 16384 and heads·head dim 2048 as in bench_kernels.py,
 # one 1K shape, and GPT-2 small's attention at 4K (batch 2).
@@ -34,17 +30,18 @@ SDPA = {"fa2": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
 def time_ms(fn):
     fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=50, rep=200)
+    return bench_ms(fn, warmup=50, rep=200, return_mode="mean")
 
 
 def measure(b, n, h, d, causal, with_sdpa=True):
-    A.reset_tuning()  # each shape tunes for itself (GPT-2's shares a tuning key with B4 H32 causal), as alone
+    attention = kernels()
+    attention.reset_tuning()  # each shape tunes for itself (GPT-2's shares a tuning key with B4 H32 causal), as alone
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.float16) for _ in range(3))
     row = {"shape": f"B{b} N{n} H{h} d{d} {'causal' if causal else 'full'}"}
     for p in (0.0, P):
         row[f"ours{p}"] = time_ms(lambda: hf_flash.flash_attn_func(q, k, v, dropout_p=p, causal=causal))
-        row[f"cfg{p}"] = describe(A._attn_fwd.best_config)
+        row[f"cfg{p}"] = describe_config(attention._attn_fwd.best_config)
     if with_sdpa:
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         for name, backend in SDPA.items():
@@ -64,9 +61,9 @@ def cost(row, method):
 def markdown(results):
     env = results["env"]
     lines = [f"# Dropout's forward cost: {env['gpu']}", "",
-             f"torch {env['torch']}, triton {env['triton']}; {env['date']}. {env.get('note', '')}".rstrip(), "",
-             f"fp16, ms (do_bench median), p = 0 → p = {P}; cost = t(p) ÷ t(0) − 1 (issue 3's target for ours: "
-             "≤ 15%). Tile: our forward config at p = 0 / p.", "",
+             environment_line(env), "",
+             f"fp16, ms (do_bench mean), p = 0 → p = {P}; cost = t(p) ÷ t(0) − 1 (target for ours: ≤ 15%). Tile: our "
+             "forward config at p = 0 / p.", "",
              "| shape | ours | cost | FA2 | FA2 cost | cuDNN | cuDNN cost | ours ÷ FA2 (p) | ours ÷ cuDNN (p) "
              "| tile |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -83,24 +80,19 @@ def markdown(results):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
-    p.add_argument("--name", default="bench_dropout_cost", help="output file stem")
+    p.add_argument("--out-dir", type=Path, default=DOCS_BENCHMARKS)
+    p.add_argument("--name", default="bench_dropout_cost", help="output file stem: <out-dir>/<name>.{json,md}")
     p.add_argument("--no-sdpa", action="store_true", help="time ours only")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_dropout_cost.py needs a CUDA GPU (torch.cuda.is_available() is False)")
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    results = {"env": env, "rows": []}
+    require_cuda("bench_dropout_cost.py")
+    results = {"env": environment(), "rows": []}
     for shape in SHAPES:
         row = measure(*shape, with_sdpa=not args.no_sdpa)
         results["rows"].append(row)
         print(f"{row['shape']:24s} ours {cost(row, 'ours'):>5s}  FA2 {cost(row, 'fa2'):>5s}  "
               f"cuDNN {cost(row, 'cudnn'):>5s}  tile {row[f'cfg{P}']}", flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{args.name}.json").write_text(json.dumps(results, indent=1))
-    (args.out_dir / f"{args.name}.md").write_text(markdown(results))
-    print(markdown(results))
+        write_outputs(args.out_dir, args.name, results)
+    print(write_outputs(args.out_dir, args.name, results, markdown))
 
 
 if __name__ == "__main__":

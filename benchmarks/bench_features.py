@@ -1,78 +1,60 @@
-"""Kernel-feature benchmark: causal sliding window vs plain causal (fp16, H100/H200).
+"""Sliding-window benchmark: a causal window of 256 keys against plain causal attention, as the length grows.
 
     python benchmarks/bench_features.py [--out-dir docs/benchmarks]
 
-Padded batches and dropout live in bench_kernels.py (`--cases padded dropout`), block-sparse
-layouts in bench_block_sparse.py. fwd_bwd here is the timing helper bench_block_sparse.py reuses.
-Writes bench_features.{json,md} and prints the table last.
+fp16, 16 heads, d64, batch·seqlen = 16384 (batch 1 from 16K). Forward and backward ms (do_bench medians; the
+backward on one retained graph). Key blocks outside the window are skipped, so the windowed time should stay flat
+while causal grows with N². Padded batches and dropout are in bench_kernels.py (`--cases padded dropout`),
+block-sparse layouts in bench_block_sparse.py. Writes <out-dir>/<name>.{json,md} and prints the table last.
 """
 
 import argparse
-import json
-import os
-import sys
+from pathlib import Path
 
 import torch
-import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import hf_flash  # noqa: E402
+from _common import DOCS_BENCHMARKS, environment, environment_line, fwd_bwd_ms, require_cuda, write_outputs
 
+import hf_flash
 
-def bench(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+SEQLENS, WINDOW, HEADS, HEADDIM = (2048, 4096, 8192, 16384), 256, 16, 64
 
 
-def fwd_bwd(fwd, inputs):
-    """(forward ms, backward ms) of fwd(*inputs); the backward reuses one recorded graph."""
-    out = fwd(*inputs)
-    dout = torch.randn_like(out)
-    torch.autograd.grad(out, inputs, dout, retain_graph=True)  # autotune both passes before timing
-    torch.cuda.synchronize()
-    t_fwd = bench(lambda: fwd(*inputs))
-    t_bwd = bench(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True))
-    return t_fwd, t_bwd
-
-
-def window(n, left=256, nheads=16, head_dim=64, dtype=torch.float16):
+def window_row(n, left=WINDOW, nheads=HEADS, head_dim=HEADDIM, dtype=torch.float16):
     batch = max(1, 16384 // n)
-    q, k, v = (torch.randn(batch, n, nheads, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(batch, n, nheads, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+               for _ in range(3))
     row = {"seqlen": n, "batch": batch, "window": left}
-    row["causal"] = fwd_bwd(lambda q, k, v: hf_flash.flash_attn_func(q, k, v, causal=True), (q, k, v))
-    row["causal_window"] = fwd_bwd(
+    row["causal"] = fwd_bwd_ms(lambda q, k, v: hf_flash.flash_attn_func(q, k, v, causal=True), (q, k, v))
+    row["causal_window"] = fwd_bwd_ms(
         lambda q, k, v: hf_flash.flash_attn_func(q, k, v, causal=True, window_size=(left, 0)), (q, k, v))
     return row
 
 
-def tables(results):
-    lines = ["### Causal sliding window (256 back), 16 heads, d64, fp16, ms fwd / bwd", "",
-              "| N | causal | causal + window | speedup fwd / bwd |", "|---|---|---|---|"]
+def markdown(results):
+    lines = [f"# Sliding window: {results['env']['gpu']}", "", environment_line(results["env"]), "",
+             f"Causal sliding window ({WINDOW} back) against causal, {HEADS} heads, d{HEADDIM}, fp16, ms fwd / bwd.", "",
+             "| N | causal | causal + window | speedup fwd / bwd |", "|---|---|---|---|"]
     for r in results["window"]:
         a, b = r["causal"], r["causal_window"]
         lines.append(f"| {r['seqlen']} | {a[0]:.3f} / {a[1]:.3f} | {b[0]:.3f} / {b[1]:.3f} | "
                      f"{a[0] / b[0]:.2f}× / {a[1] / b[1]:.2f}× |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default="docs/benchmarks")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_features.py needs a CUDA GPU")
+    parser.add_argument("--out-dir", type=Path, default=DOCS_BENCHMARKS)
+    parser.add_argument("--name", default="bench_features", help="output file stem: <out-dir>/<name>.{json,md}")
+    args = parser.parse_args(argv)
+    require_cuda("bench_features.py")
     torch.manual_seed(0)
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "window": []}
-    for n in (2048, 4096, 8192, 16384):
-        results["window"].append(window(n))
+    results = {"env": environment(), "window": []}
+    for n in SEQLENS:
+        results["window"].append(window_row(n))
         print("window", results["window"][-1], flush=True)
-    os.makedirs(args.out_dir, exist_ok=True)
-    text = tables(results)
-    with open(os.path.join(args.out_dir, "bench_features.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.out_dir, "bench_features.md"), "w") as f:
-        f.write(f"# Kernel features — {results['gpu']}, torch {results['torch']}, triton {results['triton']}\n\n{text}\n")
-    print(text)
+        write_outputs(args.out_dir, args.name, results)
+    print(write_outputs(args.out_dir, args.name, results, markdown))
 
 
 if __name__ == "__main__":

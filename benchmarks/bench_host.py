@@ -16,28 +16,23 @@ step's CUDA kernel times (torch.profiler): wall - kernels is time the GPU sat id
 attention kernels' share (ours: _attn_*; SDPA: flash / cuDNN / efficient kernels).
 
 Wall times of host-bound steps differ by up to ~25% between machines of the same kind; compare rows of one run.
-Writes <out-dir>/bench_host.{json,md,png} and prints the tables last.
+Writes <out-dir>/<name>.{json,md,png} (default name bench_host) and prints the tables last.
 """
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-import hf_flash  # noqa: E402
-import bench_training  # noqa: E402
-from bench_kernels import pyplot  # noqa: E402
-from bench_training import environment  # noqa: E402
-from hf_flash import integration  # noqa: E402
+from _common import (DOCS_BENCHMARKS, TRAINING_CASES, build_model, environment, environment_line, kernel_times,
+                     make_batch, pyplot, require_cuda, save_figure, train_step, write_outputs)
 
-ATTENTION_KERNELS = ("_attn_", "flash", "fmha", "cudnn", "attention")
+import hf_flash
+from hf_flash import integration
+
 DEVICE = "cuda"
 
 
@@ -89,33 +84,19 @@ def bench_calls(args):
     return rows
 
 
-def kernel_times(prof, steps):
-    """(all CUDA kernel ms per step, attention kernel ms per step) from a profile of `steps` steps."""
-    total = attention = 0.0
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            us = event.time_range.elapsed_us()
-            total += us
-            if any(key in event.name.lower() for key in ATTENTION_KERNELS):
-                attention += us
-    return total / steps / 1e3, attention / steps / 1e3
-
-
 def bench_steps(args):
     from torch.profiler import ProfilerActivity, profile
     rows = []
     device = torch.device("cuda")
-    parsed = bench_training.parse_args([])
     for spec in args.cases:
         case, shape = spec.split(":")
         seqlen, batch = (int(x) for x in shape.split("x"))
         for impl in args.impls:
-            model, family = bench_training.build_model(case, impl, seqlen, parsed, device)
-            inputs = bench_training.make_batch(family, model.config.vocab_size, seqlen, batch, device)
+            model, family = build_model(case, impl, seqlen, device)
+            inputs = make_batch(family, model.config.vocab_size, seqlen, batch, device)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
             model.train()
-            step = lambda model=model, opt=opt, inputs=inputs: bench_training.train_step(  # noqa: E731
-                model, opt, inputs, device)
+            step = lambda model=model, opt=opt, inputs=inputs: train_step(model, opt, inputs, device)  # noqa: E731
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
@@ -139,10 +120,8 @@ def bench_steps(args):
 
 
 def markdown(results):
-    env = results["environment"]
-    lines = [f"# Host-overhead benchmark: {env['gpu']}", "",
-             f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
-             f"hf_flash {env['hf_flash']}; {env['date']}.", ""]
+    env = results["env"]
+    lines = [f"# Host-overhead benchmark: {env['gpu']}", "", environment_line(env), ""]
     if results.get("calls"):
         b, n, h, d = results["shape"]
         lines += [f"## Host µs per call (bf16, batch {b}, seqlen {n}, {h} heads × {d}, causal, dropout 0.1)", "",
@@ -164,8 +143,9 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def plot(steps, path):
+def plot(results, path):
     """Each step as a stacked bar: other kernels, attention kernels, GPU idle (wall = the bar's height)."""
+    steps = results.get("steps")
     plt = pyplot()
     if plt is None or not steps:
         return
@@ -182,9 +162,7 @@ def plot(steps, path):
     ax.set(ylabel="ms per training step", title="Training step: where the wall time goes")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def parse_args(argv=None):
@@ -194,33 +172,28 @@ def parse_args(argv=None):
                    help="the per-call problem (default: a GPT-2 small layer at 1024 x 8)")
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--cases", nargs="+", default=["gpt2-small:1024x8", "gpt2-small:4096x2", "bert-large:512x16"],
-                   help="bench_training case:SEQLENxBATCH")
+                   help=f"CASE:SEQLENxBATCH, CASE one of bench_training.py's cases {sorted(TRAINING_CASES)}")
     p.add_argument("--impls", nargs="+", default=["sdpa", hf_flash.ATTN_IMPLEMENTATION])
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks")
+    p.add_argument("--out-dir", type=Path, default=DOCS_BENCHMARKS)
+    p.add_argument("--name", default="bench_host", help="output file stem: <out-dir>/<name>.{json,md,png}")
     args = p.parse_args(argv)
     for spec in args.cases:
         case, _, shape = spec.partition(":")
-        if case not in bench_training.CASES or len(shape.split("x")) != 2:
-            p.error(f"--cases takes CASE:SEQLENxBATCH with CASE in {sorted(bench_training.CASES)}, got {spec!r}")
+        if case not in TRAINING_CASES or len(shape.split("x")) != 2:
+            p.error(f"--cases takes CASE:SEQLENxBATCH with CASE in {sorted(TRAINING_CASES)}, got {spec!r}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_host.py measures CUDA launch overhead and needs a GPU")
-    results = {"environment": environment(torch.device("cuda")), "shape": args.shape}
+    require_cuda("bench_host.py")
+    results = {"env": environment(DEVICE), "shape": args.shape}
     if args.part in ("calls", "both"):
         results["calls"] = bench_calls(args)
     if args.part in ("steps", "both"):
         results["steps"] = bench_steps(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "bench_host.json").write_text(json.dumps(results, indent=1))
-    md = markdown(results)
-    (args.out_dir / "bench_host.md").write_text(md)
-    plot(results.get("steps"), args.out_dir / "bench_host.png")
-    print(md)
+    print(write_outputs(args.out_dir, args.name, results, markdown, plot))
 
 
 if __name__ == "__main__":

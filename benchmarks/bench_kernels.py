@@ -27,23 +27,18 @@ and prints the Markdown tables last.
 """
 
 import argparse
-import datetime
 import gc
-import importlib.metadata
-import json
 import math
-import platform
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # so the script works from a checkout without installing the package
-import hf_flash  # noqa: E402
+from _common import (DOCS_BENCHMARKS, SDPA_BACKENDS, attempt, bench_ms, environment, environment_line, fmt,
+                     jsonable_args, kernels, pyplot, require_cuda, save_figure, sdpa, write_outputs)
+
+import hf_flash
 
 METHODS = ["hf_flash", "sdpa_flash", "sdpa_cudnn", "sdpa_mem_eff", "torch"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,33 +54,12 @@ DROPOUT_P = 0.1
 DROPOUT_METHODS = ["hf_flash_p0", "hf_flash_p", "sdpa_flash_p0", "sdpa_flash_p"]
 
 
-SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
-                 "sdpa_mem_eff": "EFFICIENT_ATTENTION"}
-
-
-def sdpa(q, k, v, causal, backend, attn_mask=None, dropout_p=0.0):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    # Pin one backend, or SDPA silently falls back; a backend this torch lacks raises, recorded as "—".
-    with sdpa_kernel(getattr(SDPBackend, backend)):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
-
 
 def naive(q, k, v, mask):
     scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v)
-
-
-def attempt(fn):
-    """Run fn; on any failure (unsupported backend, OOM, compile error) return (None, message)."""
-    try:
-        return fn(), None
-    except Exception as e:  # noqa: BLE001 - a failing method must not stop the sweep
-        err = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-    gc.collect()  # drop the traceback's tensors before emptying the cache
-    torch.cuda.empty_cache()
-    return None, err
 
 
 def make_methods(q, k, v, qt, kt, vt, causal, batch, nheads, seqlen):
@@ -137,7 +111,7 @@ def check(q, k, v, qt, kt, vt, causal):
 def time_method(fwd, leaves, args):
     """Median forward ms, and backward ms on one retained forward graph (not fwd+bwd minus fwd)."""
     def timed(fn, grads=None):
-        return do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grads, return_mode="median")
+        return bench_ms(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grads)
 
     def bwd():
         out = fwd()
@@ -258,8 +232,8 @@ def check_dropout(dtype, headdim, causal, p=DROPOUT_P, shape=(2, 300, 4)):
     state = torch.cuda.get_rng_state()
     out, grads = run_with_grads(lambda: hf_flash.flash_attn_func(q, k, v, causal=causal, dropout_p=p), [q, k, v], dout)
     torch.cuda.set_rng_state(state)  # the call draws exactly one seed: draw it again
-    kernels = hf_flash.kernels.attention
-    keep = kernels.dropout_mask(kernels.draw_dropout_seed(q.device), batch, nheads, seqlen, seqlen, p)
+    attention = kernels()
+    keep = attention.dropout_mask(attention.draw_dropout_seed(q.device), batch, nheads, seqlen, seqlen, p)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     def reference():
         return hf_flash.attention_reference(q32, k32, v32, causal=causal, dropout_p=p, dropout_mask=keep)[0]
@@ -271,9 +245,9 @@ def check_dropout(dtype, headdim, causal, p=DROPOUT_P, shape=(2, 300, 4)):
 def kept_fraction(nheads, seqlen, p=DROPOUT_P):
     """Fraction of a (2, nheads, seqlen, seqlen) Philox keep mask that is kept, and its z against the exact keep
     probability (p quantised up to 14 bits: 0.899963 at p = 0.1, which 1 - p would put at z ~ -3 on this mask)."""
-    kernels = hf_flash.kernels.attention
-    keep = kernels.dropout_mask(kernels.draw_dropout_seed(DEVICE), 2, nheads, seqlen, seqlen, p)
-    q = kernels.kept_probability(p)
+    attention = kernels()
+    keep = attention.dropout_mask(attention.draw_dropout_seed(DEVICE), 2, nheads, seqlen, seqlen, p)
+    q = attention.kept_probability(p)
     kept, sigma = keep.sum(dtype=torch.int64).item() / keep.numel(), math.sqrt(q * (1 - q) / keep.numel())
     return {"kept_fraction": kept, "kept_expected": q, "kept_fraction_sigma": sigma,
             "kept_fraction_z": (kept - q) / sigma}
@@ -335,22 +309,6 @@ def peak_memory(method, seqlen, dtype=torch.float16):
     mib = 2**20
     return {"method": method, "seqlen": seqlen, "peak_mib": peak / mib, "extra_mib": (peak - base) / mib,
             "extra_mib_per_1k_tokens": (peak - base) / mib / (seqlen / 1024)}
-
-
-def environment():
-    def version(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": version("transformers"), "hf_flash": hf_flash.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-
-
-def fmt(x, spec=".1f", suffix=""):
-    return "—" if x is None else f"{x:{spec}}{suffix}"
 
 
 def ms_cell(row, pas, method):
@@ -428,9 +386,7 @@ def dropout_markdown(rows):
 
 def markdown(results):
     env = results["env"]
-    lines = [f"# Kernel benchmark: {env['gpu']}", "",
-             f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
-             f"CUDA {env['cuda']}, cuDNN {env['cudnn']}, hf_flash {env['hf_flash']}; {env['date']}.", ""]
+    lines = [f"# Kernel benchmark: {env['gpu']}", "", environment_line(env), ""]
     if results["rows"]:
         lines += dense_markdown(results["rows"])
     if results.get("memory"):
@@ -447,21 +403,10 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def pyplot():
-    """matplotlib.pyplot with a file backend, or None (with a note) when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping the plot", flush=True)
-        return None
-    return plt
-
-
-def plot(rows, path):
+def plot(results, path):
+    rows = results["rows"]
     plt = pyplot()
-    if plt is None:
+    if plt is None or not rows:
         return
     rows = [r for r in rows if r["dtype"] == "fp16"] or rows  # one dtype per figure keeps it readable
     combos = sorted({(r["headdim"], r["causal"]) for r in rows})
@@ -478,23 +423,12 @@ def plot(rows, path):
         ax.minorticks_off()  # log-axis minor labels (7x10^1 ...) clutter the seqlen ticks
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}", flush=True)
+    save_figure(plt, fig, path)
 
 
-def write_outputs(results, args, final):
-    out_dir, name = args.out_dir, args.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
-    if final:
-        md = markdown(results)
-        (out_dir / f"{name}.md").write_text(md)
-        print(f"wrote {out_dir / (name + '.json')} and {out_dir / (name + '.md')}", flush=True)
-        if results["rows"]:
-            plot(results["rows"], out_dir / f"{name}.png")
-        return md
+def save(results, args, final):
+    """The JSON after every row; the Markdown and the plot at the end."""
+    return write_outputs(args.out_dir, args.name, results, markdown if final else None, plot if final else None)
 
 
 def parse_args(argv=None):
@@ -507,7 +441,7 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--quick", action="store_true",
                    help="fp16 only; dense hd 64/128 seqlen 1024/4096 causal both, padded N 4096, dropout N 4096 hd 64")
-    p.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks",
+    p.add_argument("--out-dir", type=Path, default=DOCS_BENCHMARKS,
                    help="default: docs/benchmarks in the repository")
     p.add_argument("--name", default="bench_kernels", help="output file stem: <out-dir>/<name>.{json,md,png}")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory section (part of dense)")
@@ -531,8 +465,7 @@ def check_summary(check):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False)")
+    require_cuda("bench_kernels.py")
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     grids = {
         "dense": [(d, hd, n, c) for d in args.dtypes for hd in args.headdims for c in causals
@@ -541,7 +474,7 @@ def main(argv=None):
         "dropout": [(d, hd, n, c) for d in args.dtypes for hd in args.dropout_headdims for c in causals
                     for n in args.dropout_seqlens],
     }
-    results = {"env": environment(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    results = {"env": environment(), "args": jsonable_args(args),
                "rows": [], "memory": [], "padded": [], "dropout": []}
     print(f"{results['env']['gpu']} | torch {torch.__version__} | triton {triton.__version__} | cases {args.cases}",
           flush=True)
@@ -554,7 +487,7 @@ def main(argv=None):
             tf = " ".join(f"{m}={fmt(row['fwd_tflops'][m])}/{fmt(row['bwd_tflops'][m])}" for m in METHODS)
             print(f"[dense {i}/{len(grid)}] {dtype_name} hd={hd} N={n} causal={causal} B={row['batch']} "
                   f"H={row['nheads']} check={check_summary(row['check'])} fwd/bwd TFLOP/s: {tf}", flush=True)
-            write_outputs(results, args, final=False)  # a partial run still leaves its numbers on disk
+            save(results, args, final=False)  # a partial run still leaves its numbers on disk
         if not args.no_memory:
             for method in ("hf_flash", "sdpa_flash"):
                 for n in MEM_SEQLENS:
@@ -564,7 +497,7 @@ def main(argv=None):
                           f"extra {fmt((m or {}).get('extra_mib'))} MiB {err or ''}", flush=True)
                     gc.collect()
                     torch.cuda.empty_cache()
-            write_outputs(results, args, final=False)
+            save(results, args, final=False)
     if "padded" in args.cases:
         grid = grids["padded"]
         for i, (dtype_name, n) in enumerate(grid, 1):
@@ -575,7 +508,7 @@ def main(argv=None):
             ms = " ".join(f"{m}={fmt(row['fwd_ms'][m], '.3f')}/{fmt(row['bwd_ms'][m], '.3f')}" for m in PADDED_METHODS)
             print(f"[padded {i}/{len(grid)}] {dtype_name} N={n} real tokens {row['real_tokens']} {checks} "
                   f"fwd/bwd ms: {ms}", flush=True)
-            write_outputs(results, args, final=False)
+            save(results, args, final=False)
     if "dropout" in args.cases:
         grid = grids["dropout"]
         for i, (dtype_name, hd, n, causal) in enumerate(grid, 1):
@@ -589,8 +522,8 @@ def main(argv=None):
                   f"fwd/bwd ms: {ms} cost fwd {fmt(cost['fwd_cost_hf_flash'], '+.0%')} bwd "
                   f"{fmt(cost['bwd_cost_hf_flash'], '+.0%')} kept {fmt(row.get('kept_fraction'), '.5f')} "
                   f"(z {fmt(row.get('kept_fraction_z'), '+.1f')}) {row['errors'] or ''}", flush=True)
-            write_outputs(results, args, final=False)
-    md = write_outputs(results, args, final=True)
+            save(results, args, final=False)
+    md = save(results, args, final=True)
     print("\n" + md, flush=True)
 
 

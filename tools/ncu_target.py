@@ -3,7 +3,7 @@
     ncu --nvtx --nvtx-include "prof/" --section SpeedOfLight --section ComputeWorkloadAnalysis \\
         --section Occupancy --section LaunchStats --section WarpStateStats --section InstructionStats \\
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio" \\
-        python benchmarks/ncu_target.py --headdim 128 --config 64x64w4s3
+        python tools/ncu_target.py --headdim 128 --config 64x64w4s3
 
 B4 N4096 fp16, nheads x headdim = 2048, not causal. --config keeps one forward candidate (MxNwWsS): under
 ncu every launch is replayed and serialised, so the autotuner's timings, and its choice, are not the real ones.
@@ -12,13 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import torch  # noqa: E402
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from _common import kernels, parse_config, sdpa, tuned_kernels  # noqa: E402
+
 import hf_flash  # noqa: E402
-from bench_kernels import sdpa  # noqa: E402
-from hf_flash.kernels import attention as A  # noqa: E402
-from tune_report import parse_extra  # noqa: E402
 
 
 def main(argv=None):
@@ -28,14 +27,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.config:
         try:
-            _, want = parse_extra(f"fwd:{args.config}")
-        except SystemExit:
-            raise SystemExit(f"--config: expected MxNwWsS (e.g. 64x64w4s3), got {args.config!r}") from None
-        A._attn_fwd.configs = [c for c in A._attn_fwd.configs if (c.kwargs, c.num_warps, c.num_stages)
-                               == (want.kwargs, want.num_warps, want.num_stages)]
-        if len(A._attn_fwd.configs) != 1:
+            want = parse_config(args.config)
+        except ValueError as error:
+            raise SystemExit(f"--config: {error}") from None
+        forward = tuned_kernels()["fwd"]
+        forward.configs = [c for c in forward.configs if (c.kwargs, c.num_warps, c.num_stages)
+                           == (want.kwargs, want.num_warps, want.num_stages)]
+        if len(forward.configs) != 1:
             raise SystemExit(f"--config {args.config}: not one of the forward candidates")
-        A.reset_tuning()
+        kernels().reset_tuning()
     q, k, v = (torch.randn(4, 4096, 2048 // args.headdim, args.headdim, device="cuda", dtype=torch.float16)
                for _ in range(3))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))

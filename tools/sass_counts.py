@@ -6,7 +6,7 @@ Static counts only rank variants; every speed claim still needs a GPU run. The G
 from a newer local one (layouts, rematerialisation), so install its version apart and put it first on the path:
 
     pip install --target /tmp/t36 triton==3.6.0
-    PYTHONPATH=/tmp/t36 python benchmarks/sass_counts.py --kernel dkdv --tile 64x128 --warps 8 --dropout 0 1
+    PYTHONPATH=/tmp/t36 python tools/sass_counts.py --kernel dkdv --tile 64x128 --warps 8 --dropout 0 1
 
 Needs Triton's bundled cuobjdump (part of the NVIDIA backend wheel); no CUDA driver.
 """
@@ -20,14 +20,14 @@ import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from hf_flash.kernels import attention as A  # noqa: E402
+from _common import tuned_kernels  # noqa: E402
 
-KERNELS = {"fwd": A._attn_fwd, "dq": A._attn_bwd_dq, "dkdv": A._attn_bwd_dkdv}
+KERNELS = tuned_kernels()
 INT32_PTRS = {"CU_Q", "CU_K", "K_RANGE", "LY_NUM", "LY_IDX", "LY_FULL_NUM", "LY_FULL_IDX", "TILE_IDX", "TILES", "RULE",
               "ORDER", "MAJOR"}
 FP32_PTRS = {"LSE", "Delta", "DLSE", "ALIBI"}
@@ -91,7 +91,7 @@ def summary(ops, top=14):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernel", choices=sorted(KERNELS), nargs="+", default=sorted(KERNELS))
     p.add_argument("--tile", default="64x64", help="BLOCK_MxBLOCK_N")
     p.add_argument("--warps", type=int, default=4)
