@@ -131,7 +131,11 @@ def make_accelerator(args, gpu):
 
 
 def prepare_output_dir(args, accelerator):
-    """Creates --output-dir; refuses to mix a fresh run with an earlier run's checkpoints; writes args.json."""
+    """Creates --output-dir, resolves --resume to a checkpoint (checked against this run's arguments), refuses to
+    mix a fresh run with an earlier run's checkpoints, writes args.json."""
+    if args.resume is not None:  # every process loads the same checkpoint
+        args.resume = checkpointing.resume_path(args.resume, args.output_dir)
+        checkpointing.check_resumable(args.resume, training_loop.run_args(args, accelerator))
     if accelerator.is_main_process:
         checkpointing.remove_temporaries(args.output_dir)
         earlier = checkpointing.complete_checkpoints(args.output_dir)

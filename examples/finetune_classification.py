@@ -124,13 +124,14 @@ def parse(argv):
     parser = common.build_parser(__doc__.split("\n\n")[0], DEFAULTS,
                                  lr_help="peak learning rate (default: 1e-3 for the built-in model, 5e-5 pretrained, "
                                          "5e-4 with --lora)")
-    parser.add_argument("--evidence", type=options.positive_int, default=None,
+    task = parser.add_argument_group("built-in task and the comparison")
+    task.add_argument("--evidence", type=options.positive_int, default=None,
                         help=f"built-in task: evidence tokens per document (default: one per {EVIDENCE_SPACING} "
                              f"positions after the first min(512, doc length // 2), at least 7; 99 at 4096)")
-    parser.add_argument("--doc-length", type=options.positive_int, default=None,
+    task.add_argument("--doc-length", type=options.positive_int, default=None,
                         help="built-in task: document length; longer documents are cut to --max-length, e.g. "
                              "--doc-length 4096 --max-length 512 for the truncated baseline (default: --max-length)")
-    parser.add_argument("--baseline-length", type=options.non_negative_int, default=None,
+    task.add_argument("--baseline-length", type=options.non_negative_int, default=None,
                         help="after the main run, fine-tune the same model again on the same documents cut to this "
                              "many tokens and compare the two (0: no comparison) (default: 512 on a GPU, 0 on the "
                              "CPU)")

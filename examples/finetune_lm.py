@@ -118,9 +118,10 @@ def main(argv=None):
     parser = common.build_parser(__doc__.split("\n\n")[0], DEFAULTS,
                                  lr_help="peak learning rate (default: 2e-3 for the built-in model, 5e-5 pretrained, "
                                          "5e-4 with --lora)")
-    parser.add_argument("--queries", type=options.positive_int, default=4,
+    task = parser.add_argument_group("built-in task")
+    task.add_argument("--queries", type=options.positive_int, default=4,
                         help="built-in task: queries (answers) per sequence")
-    parser.add_argument("--pairs", type=options.positive_int, default=None,
+    task.add_argument("--pairs", type=options.positive_int, default=None,
                         help="built-in task: key-value pairs per sequence, from --queries to 64; more pairs are "
                              "distractors, a harder task (default: --queries)")
     args = parser.parse_args(common.argv_or_sys(argv))

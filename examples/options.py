@@ -31,7 +31,8 @@ class _Formatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        unstated = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or unstated or not action.option_strings:
             return text
         return text + " (default: %(default)s)"
 

@@ -89,10 +89,8 @@ def train(args, task, model, tokenizer, train_set, eval_set, pad_id, accelerator
     progress = Progress()
     accelerator.register_for_checkpointing(scheduler, progress)
 
-    resumed_from = None
-    if args.resume is not None:
-        resumed_from = checkpointing.resume_path(args.resume, args.output_dir)
-        checkpointing.check_resumable(resumed_from, run_args(args, accelerator))
+    resumed_from = args.resume  # a checkpoint directory, resolved and checked by common.prepare_output_dir
+    if resumed_from is not None:
         accelerator.load_state(os.path.join(resumed_from, checkpointing.STATE_DIR))
         accelerator.print(f"resumed from {resumed_from} at step {progress.step} of {total_steps}")
 
