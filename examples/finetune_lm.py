@@ -91,8 +91,8 @@ class Task:
 
     def verdict(self, summary):
         last = summary["eval"]
-        if summary["model"] != "built-in config (from scratch)" or summary["history"] is None:
-            scope = "scored on the labelled tokens"
+        if summary["data"] != "built-in task":
+            scope = "on every token of the text"
         else:
             scope = (f"on the built-in task the answers are scored: chance is {self.chance_accuracy:.1%} accuracy, "
                      f"perplexity {N_VALUES} for a uniform guess among the values")

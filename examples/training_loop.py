@@ -206,6 +206,7 @@ def _summary(args, task, progress, accelerator, attention, untimed, started, fir
     return {
         "script": task.name,
         "model": args.model or "built-in config (from scratch)",
+        "data": args.train_file or "built-in task",
         "attn_implementation": args.attn,
         "attention_ran": attention,
         "sparsity": args.sparsity,
