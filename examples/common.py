@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -123,6 +124,9 @@ def make_accelerator(args, gpu):
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
     set_seed(args.seed)
     if not gpu:
+        # The banner below says it once; integration's own RuntimeWarning would repeat it with a source line.
+        warnings.filterwarnings("ignore", message="hf_triton runs its Triton kernels on CUDA GPUs",
+                                category=RuntimeWarning)
         model = (f"the built-in {args.layers}-layer, {args.hidden_size}-wide model trained from scratch"
                  if args.model is None else args.model)
         accelerator.print(f"No GPU found: running on the CPU: {model}, {args.max_length} tokens per sequence. "
