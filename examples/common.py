@@ -140,12 +140,12 @@ def prepare_output_dir(args, accelerator):
     if args.resume is not None:  # every process loads the same checkpoint
         args.resume = checkpointing.resume_path(args.resume, args.output_dir)
         checkpointing.check_resumable(args.resume, training_loop.run_args(args, accelerator))
+    earlier = checkpointing.complete_checkpoints(args.output_dir)
+    if earlier and args.resume is None:  # checked on every process, so that none is left waiting at a barrier
+        fail(f"--output-dir {args.output_dir} holds {os.path.basename(earlier[-1][1])} from an earlier run: "
+             f"continue it with --resume, or delete it or choose another --output-dir")
     if accelerator.is_main_process:
         checkpointing.remove_temporaries(args.output_dir)
-        earlier = checkpointing.complete_checkpoints(args.output_dir)
-        if earlier and args.resume is None:
-            fail(f"--output-dir {args.output_dir} holds {os.path.basename(earlier[-1][1])} from an earlier run: "
-                 f"continue it with --resume, or delete it or choose another --output-dir")
         os.makedirs(args.output_dir, exist_ok=True)
         import json
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:

@@ -399,7 +399,8 @@ def test_dropout_mask_same_for_every_tile_size(block_m, block_n, transposed):
     ref = kernels.dropout_mask(seed, *shape, 0.3)
     out = torch.empty(shape, device=DEVICE, dtype=torch.int8)
     kernels._dropout_mask_kernel[(triton.cdiv(shape[2], block_m) * shape[0] * shape[1],)](
-        seed, out, shape[2], shape[3], 0.3, BLOCK_M=block_m, BLOCK_N=block_n, TRANSPOSED=transposed)
+        seed, out, shape[2], shape[3], 0.3, BLOCK_M=block_m, BLOCK_N=block_n, TRANSPOSED=transposed,
+        INTERPRET=bool(kernels.INTERPRET))
     assert torch.equal(out.bool(), ref)
 
 

@@ -321,7 +321,7 @@ def _philox_words(seed, rng_rows, groups):
     c2 = rows.to(tl.uint32)[:, None]
     c3 = tl.full((1, 1), 0, tl.uint32)
     # tl.philox's rounds (its multipliers and key increments), but each product's high and low words come from
-    # one mul.wide (one IMAD.WIDE), where ptxas made an IMAD.HI and an IMAD of most (perf-notes.md, session 13).
+    # one mul.wide (one IMAD.WIDE), where ptxas made an IMAD.HI and an IMAD of most (docs/design.md, section 5).
     for _ in tl.static_range(7):
         hb, lb = tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, 0xCD9E8D57; mov.b64 {$1, $0}, t; }",
                                            "=r,=r,r", [c2], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
@@ -353,7 +353,7 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
     (g, row), where row = bh * SEQ_Q + i, serves the 16 keys 64 * (g // 4) + 8 * n + 2 * (g % 4) + e of that
     row, n = 2 * w + h for draw j of word w. That is how a tensor-core accumulator is spread over threads (key
     pairs 2c, 2c + 1, repeating every 8 keys), so each draw is made by the thread that holds its element; a
-    shuffle through shared memory instead costs twice as much per element on the H100 (perf-notes.md). And a
+    shuffle through shared memory instead costs twice as much per element on the H100 (docs/design.md, section 5). And a
     key pair's two draws are the two lanes of one 32-bit word, so the forward tests and applies them two at a
     time on the fp16/bf16 P (_drop_pairs). Tiles of any size see the same mask, so the forward, both backward
     kernels and dropout_mask() agree; a 32- or 16-key tile computes its span's call and uses half or a quarter.
@@ -1158,7 +1158,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE,
 
 @triton.jit
 def _dropout_mask_kernel(SEED, OUT, SEQ_Q, SEQ_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         TRANSPOSED: tl.constexpr = False, INTERPRET: tl.constexpr = bool(INTERPRET)):
+                         TRANSPOSED: tl.constexpr, INTERPRET: tl.constexpr):
     """The keep mask as int8 (batch * heads * SEQ_Q, SEQ_K); TRANSPOSED draws it as the dK/dV kernel does."""
     start_m, off_bh = _tile(tl.cdiv(SEQ_Q, BLOCK_M), SEED, False, False)  # dense order (MAJOR unread)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1295,7 +1295,8 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, dropout_p):
     out = torch.empty((batch, nheads, seqlen_q, seqlen_k), device=seed.device, dtype=torch.int8)
     if out.numel():
         _dropout_mask_kernel[(triton.cdiv(seqlen_q, 64) * batch * nheads,)](
-            seed, out, seqlen_q, seqlen_k, quantised_dropout_p(dropout_p), BLOCK_M=64, BLOCK_N=64)
+            seed, out, seqlen_q, seqlen_k, quantised_dropout_p(dropout_p), BLOCK_M=64, BLOCK_N=64,
+            TRANSPOSED=False, INTERPRET=bool(INTERPRET))
     return out.bool()
 
 
