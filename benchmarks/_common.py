@@ -102,15 +102,17 @@ def sdpa(q, k, v, causal, backend, attn_mask=None, dropout_p=0.0):
 # ---------------------------------------------------------------------------------------------
 
 def kernels():
-    """hf_flash's kernel module: reset_tuning(), the tuned kernels, the private _ATOMIC_DQ / _DKDV_ROWS overrides."""
-    from hf_flash.kernels import attention
-    return attention
+    """hf_flash's kernel package: launch.reset_tuning(), the tuned kernels, config's private _ATOMIC_DQ / _DKDV_ROWS
+    overrides."""
+    import hf_flash.kernels
+    return hf_flash.kernels
 
 
 def tuned_kernels():
     """The three autotuned kernels by short name."""
-    attention = kernels()
-    return {"fwd": attention._attn_fwd, "dq": attention._attn_bwd_dq, "dkdv": attention._attn_bwd_dkdv}
+    hf_kernels = kernels()
+    return {"fwd": hf_kernels.forward._attn_fwd, "dq": hf_kernels.backward_dq._attn_bwd_dq,
+            "dkdv": hf_kernels.backward_dkdv._attn_bwd_dkdv}
 
 
 CONFIG_SPEC = re.compile(r"(\d+)x(\d+)w(\d+)s(\d+)(?:r(\d+))?(q?)$")

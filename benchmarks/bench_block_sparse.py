@@ -124,16 +124,16 @@ def kernel_ms(fwd, inputs, reps=20):
 
 def chosen_configs():
     """The block-sparse kernels' autotuned configs, kernel -> 'BLOCK_MxBLOCK_N wWARPS sSTAGES'."""
-    attention = kernels()
-    sparse = attention._TUNE_KEY.index("SPARSE") + 2  # _CHOSEN keys: (kernel, dtype, *tune key)
-    return {key[0].base_fn.__name__: describe_config(c) for key, c in attention._CHOSEN.items() if key[sparse]}
+    hf_kernels = kernels()
+    sparse = hf_kernels.tuning._TUNE_KEY.index("SPARSE") + 2  # _CHOSEN keys: (kernel, dtype, *tune key)
+    return {key[0].base_fn.__name__: describe_config(c) for key, c in hf_kernels.launch._CHOSEN.items() if key[sparse]}
 
 
 def bench_case(key, n, flex, dense_cache):
     title, build, flex_mask_mod, _ = CASES[key]
     # Tune for this layout, as a model using it would: configs are keyed by lengths and flags, not by the
     # layout, so without this a layout runs with whatever an earlier case with the same key was tuned on.
-    kernels().reset_tuning()
+    kernels().launch.reset_tuning()
     row = {"case": key, "title": title, "seqlen": n, "fwd_ms": {}, "bwd_ms": {}, "fwd_kernel_ms": {}, "bwd_kernel_ms": {},
            "errors": {}}
     layout = build(n, DEVICE)
@@ -247,7 +247,7 @@ def density_sweep(flex, n, half_widths=(0, 1, 2, 4, 8, 16, 32, 63)):
     blocks = -(-n // 128)
     rows = []
     for w in half_widths:
-        kernels().reset_tuning()
+        kernels().launch.reset_tuning()
         i = torch.arange(blocks, device=DEVICE)
         layout = layouts.from_dense((i[:, None] - i[None, :]).abs() <= w, seqlen_q=n, seqlen_k=n)
         block_mask = block_mask_of(layout, kept_block_mask_mod(layout))

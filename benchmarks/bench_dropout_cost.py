@@ -34,14 +34,15 @@ def time_ms(fn):
 
 
 def measure(b, n, h, d, causal, with_sdpa=True):
-    attention = kernels()
-    attention.reset_tuning()  # each shape tunes for itself (GPT-2's shares a tuning key with B4 H32 causal), as alone
+    hf_kernels = kernels()
+    # each shape tunes for itself (GPT-2's shares a tuning key with B4 H32 causal), as alone
+    hf_kernels.launch.reset_tuning()
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.float16) for _ in range(3))
     row = {"shape": f"B{b} N{n} H{h} d{d} {'causal' if causal else 'full'}"}
     for p in (0.0, P):
         row[f"ours{p}"] = time_ms(lambda: hf_flash.flash_attn_func(q, k, v, dropout_p=p, causal=causal))
-        row[f"cfg{p}"] = describe_config(attention._attn_fwd.best_config)
+        row[f"cfg{p}"] = describe_config(hf_kernels.forward._attn_fwd.best_config)
     if with_sdpa:
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         for name, backend in SDPA.items():

@@ -232,8 +232,8 @@ def check_dropout(dtype, headdim, causal, p=DROPOUT_P, shape=(2, 300, 4)):
     state = torch.cuda.get_rng_state()
     out, grads = run_with_grads(lambda: hf_flash.flash_attn_func(q, k, v, causal=causal, dropout_p=p), [q, k, v], dout)
     torch.cuda.set_rng_state(state)  # the call draws exactly one seed: draw it again
-    attention = kernels()
-    keep = attention.dropout_mask(attention.draw_dropout_seed(q.device), batch, nheads, seqlen, seqlen, p)
+    dropout = kernels().dropout
+    keep = dropout.dropout_mask(dropout.draw_dropout_seed(q.device), batch, nheads, seqlen, seqlen, p)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     def reference():
         return hf_flash.attention_reference(q32, k32, v32, causal=causal, dropout_p=p, dropout_mask=keep)[0]
@@ -245,9 +245,9 @@ def check_dropout(dtype, headdim, causal, p=DROPOUT_P, shape=(2, 300, 4)):
 def kept_fraction(nheads, seqlen, p=DROPOUT_P):
     """Fraction of a (2, nheads, seqlen, seqlen) Philox keep mask that is kept, and its z against the exact keep
     probability (p quantised up to 14 bits: 0.899963 at p = 0.1, which 1 - p would put at z ~ -3 on this mask)."""
-    attention = kernels()
-    keep = attention.dropout_mask(attention.draw_dropout_seed(DEVICE), 2, nheads, seqlen, seqlen, p)
-    q = attention.kept_probability(p)
+    dropout = kernels().dropout
+    keep = dropout.dropout_mask(dropout.draw_dropout_seed(DEVICE), 2, nheads, seqlen, seqlen, p)
+    q = dropout.kept_probability(p)
     kept, sigma = keep.sum(dtype=torch.int64).item() / keep.numel(), math.sqrt(q * (1 - q) / keep.numel())
     return {"kept_fraction": kept, "kept_expected": q, "kept_fraction_sigma": sigma,
             "kept_fraction_z": (kept - q) / sigma}

@@ -38,7 +38,8 @@ from transformers.masking_utils import (bidirectional_mask_function, causal_mask
 
 from . import ATTN_IMPLEMENTATION, SPARSE_ATTN_IMPLEMENTATION, layouts
 from .interface import block_sparse_attn_func, flash_attn_func, flash_attn_varlen_func
-from .kernels import attention as _kernels
+from .kernels import settings as _kernel_settings
+from .kernels.dropout import kept_probability
 from .reference import attention_reference, varlen_attention_reference, visibility_mask
 
 # Semantics-changing arguments other attention functions accept and the kernels do not have: refuse, never drop.
@@ -229,7 +230,7 @@ _warned_fallback = False
 def _runs_kernels(device):
     """CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
     global _warned_fallback
-    if device.type == "cuda" or (device.type == "cpu" and _kernels.INTERPRET):
+    if device.type == "cuda" or (device.type == "cpu" and _kernel_settings.INTERPRET):
         return True
     if not _warned_fallback:
         _warned_fallback = True
@@ -242,7 +243,7 @@ def _runs_kernels(device):
 
 def _keep_mask(dropout_p, batch, heads, q_len, k_len, device):
     # the kernels' keep probability, which attention_reference's scale assumes
-    return torch.rand(batch, heads, q_len, k_len, device=device) < _kernels.kept_probability(dropout_p)
+    return torch.rand(batch, heads, q_len, k_len, device=device) < kept_probability(dropout_p)
 
 
 def _deterministic(kwargs):

@@ -5,7 +5,9 @@ import math
 
 import torch
 
-from .kernels import attention as _kernels
+from .kernels import settings as _kernel_settings
+from .kernels.dropout import check_dropout_p, draw_dropout_seed
+from .kernels.ops import run_attention
 from .layouts import BlockSparseLayout
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,12 +33,12 @@ def _check_qkv(q, k, v, ndim):
         raise ValueError(f"k and v must have the batch size of q ({q.shape[0]}), got {k.shape[0]}")
     if k.shape[-1] != head_dim:
         raise ValueError(f"k and v must have the headdim of q ({head_dim}), got {k.shape[-1]}")
-    if head_dim > _kernels.MAX_HEADDIM or head_dim < 1:
-        raise ValueError(f"headdim must be between 1 and {_kernels.MAX_HEADDIM}, got {head_dim}")
+    if head_dim > _kernel_settings.MAX_HEADDIM or head_dim < 1:
+        raise ValueError(f"headdim must be between 1 and {_kernel_settings.MAX_HEADDIM}, got {head_dim}")
     nheads_kv = k.shape[-2]
     if nheads_kv < 1 or nheads % nheads_kv != 0:
         raise ValueError(f"nheads of q ({nheads}) must be a multiple of nheads of k and v ({nheads_kv})")
-    if q.device.type == "cpu" and not _kernels.INTERPRET:
+    if q.device.type == "cpu" and not _kernel_settings.INTERPRET:
         raise ValueError(
             "q, k, v are on the CPU: the hf_flash kernels run on CUDA GPUs (move the tensors with .cuda()), "
             "or on the CPU under Triton's interpreter for testing (set TRITON_INTERPRET=1 before importing "
@@ -52,7 +54,7 @@ def _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alib
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
             or not math.isfinite(softmax_scale):
         raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
-    _kernels.check_dropout_p(dropout_p)
+    check_dropout_p(dropout_p)
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
@@ -171,10 +173,10 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0,
     q, scale = _nonnegative_scale(q, scale)
     key_padding_mask = _check_padding_mask("key_padding_mask", key_padding_mask, batch, k.shape[1], q.device)
     query_padding_mask = _check_padding_mask("query_padding_mask", query_padding_mask, batch, q.shape[1], q.device)
-    seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = _kernels.run_attention(q, k, v, None, None, q.shape[1], k.shape[1], key_padding_mask,
-                                      query_padding_mask, alibi_slopes, seed, scale, left, right, float(dropout_p),
-                                      [], 0, 0, bool(deterministic))
+    seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
+    out, lse = run_attention(q, k, v, None, None, q.shape[1], k.shape[1], key_padding_mask,
+                             query_padding_mask, alibi_slopes, seed, scale, left, right, float(dropout_p),
+                             [], 0, 0, bool(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -207,10 +209,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     batch = cu_seqlens_q.numel() - 1
     scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alibi_slopes)
     q, scale = _nonnegative_scale(q, scale)
-    seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = _kernels.run_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None,
-                                      None, alibi_slopes, seed, scale, left, right, float(dropout_p), [], 0, 0,
-                                      bool(deterministic))
+    seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
+    out, lse = run_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None,
+                             None, alibi_slopes, seed, scale, left, right, float(dropout_p), [], 0, 0,
+                             bool(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -260,8 +262,8 @@ def block_sparse_attn_func(q, k, v, layout, *, causal=False, softmax_scale=None,
     q, scale = _nonnegative_scale(q, scale)
     key_padding_mask = _check_padding_mask("key_padding_mask", key_padding_mask, batch, k.shape[1], q.device)
     layout_tensors, block_q, block_k = layout.kernel_tensors(causal)
-    seed = _kernels.draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = _kernels.run_attention(q, k, v, None, None, q.shape[1], k.shape[1], key_padding_mask, None, None,
-                                      seed, scale, left, right, float(dropout_p), layout_tensors, block_q, block_k,
-                                      bool(deterministic))
+    seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
+    out, lse = run_attention(q, k, v, None, None, q.shape[1], k.shape[1], key_padding_mask, None, None,
+                             seed, scale, left, right, float(dropout_p), layout_tensors, block_q, block_k,
+                             bool(deterministic))
     return (out, lse) if return_lse else out

@@ -505,7 +505,7 @@ class BlockSparseLayout:
         q_order (B, H, n_q_blocks) and k_order (B, H, n_kv_blocks) int32 list the query (key) blocks by their
         number of kept blocks, longest first: the order in which the kernels start them, so that the longest
         rows (columns) never start in the last wave. q_major and k_major (1,) int32: 1 where the kernels
-        should start the same rank of every head together (block-major), see kernels.attention._tile.
+        should start the same rank of every head together (block-major), see kernels.common._tile.
         """
         # Keyed on what they are built from, the tensors' version counters included: a layout whose tensors
         # were changed in place (or whose mask_mod was replaced) after a call rebuilds them instead of running

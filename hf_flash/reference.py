@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .kernels.attention import kept_probability
+from .kernels.dropout import kept_probability
 
 
 def visibility_mask(seqlen_q, seqlen_k, *, causal=False, window_size=(-1, -1), key_padding_mask=None,

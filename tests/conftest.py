@@ -57,10 +57,10 @@ def assert_compiled_matches(loss_fn, inputs, loss_atol, grad_atol):
 def fresh_tuning(monkeypatch):
     """Forget the tuned configs and cached launches, for this test only: its calls tune again (e.g. after a
     monkeypatched candidate list or orientation). Returns the three tuned kernels."""
-    from hf_flash.kernels import attention as kernels
-    monkeypatch.setattr(kernels, "_CHOSEN", {})
-    monkeypatch.setattr(kernels, "_COMPILED", {})
-    tuned = (kernels._attn_fwd, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv)
+    import hf_flash.kernels as kernels
+    monkeypatch.setattr(kernels.launch, "_CHOSEN", {})
+    monkeypatch.setattr(kernels.launch, "_COMPILED", {})
+    tuned = (kernels.forward._attn_fwd, kernels.backward_dq._attn_bwd_dq, kernels.backward_dkdv._attn_bwd_dkdv)
     for kernel in tuned:
         monkeypatch.setattr(kernel, "cache", {})
     return tuned

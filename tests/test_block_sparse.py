@@ -17,7 +17,7 @@ from test_features import BF16, FP16, FP32, _check, _padding_mask, _pick, _qkv
 
 import hf_flash
 from hf_flash import layouts as L
-from hf_flash.kernels import attention as kernels
+import hf_flash.kernels as kernels
 from hf_flash.reference import attention_reference, visibility_mask
 
 
@@ -92,10 +92,10 @@ def test_combined_with_causal_padding_dropout(extra):
 
 @pytest.mark.parametrize("rows", ["0", "1"])
 def test_atomic_dq(rows, monkeypatch):
-    """kernels._ATOMIC_DQ: the block-sparse dK/dV kernel sums dQ with atomics over its kept query blocks; in both
-    orientations of its tiles (kernels._DKDV_ROWS), with a mask_mod rule and partial tiles."""
-    monkeypatch.setattr(kernels, "_ATOMIC_DQ", "1")
-    monkeypatch.setattr(kernels, "_DKDV_ROWS", rows)
+    """kernels.settings._ATOMIC_DQ: the block-sparse dK/dV kernel sums dQ with atomics over its kept query blocks; in
+    both orientations of its tiles (kernels.settings._DKDV_ROWS), with a mask_mod rule and partial tiles."""
+    monkeypatch.setattr(kernels.settings, "_ATOMIC_DQ", "1")
+    monkeypatch.setattr(kernels.settings, "_DKDV_ROWS", rows)
     fresh_tuning(monkeypatch)  # the orientation is tuned: start from no tuned configs
     b, h, hk, sq, sk, d, bs, dtype = _pick([(2, 2, 1, 60, 75, 32, 32, FP32)], [(2, 8, 2, 1500, 1700, 64, 128, BF16)])[0]
     layout = LAYOUTS["bigbird-per-head"](sq, sk, bs, b, h)
@@ -217,7 +217,7 @@ def test_element_rules_equal_the_mask_mod_in_partial_blocks(name, sq, sk):
 @triton.jit
 def _rule_trim_probe(OUT, IDX, RULE, lo, hi, fixed_lo, fixed_hi, diag, KEYS: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
                      BLOCK: tl.constexpr):
-    lo, hi = kernels._rule_trim(lo, hi, IDX, RULE, fixed_lo, fixed_hi, diag, KEYS, LAYOUT_BLOCK, BLOCK)
+    lo, hi = kernels.masking._rule_trim(lo, hi, IDX, RULE, fixed_lo, fixed_hi, diag, KEYS, LAYOUT_BLOCK, BLOCK)
     tl.store(OUT, lo)
     tl.store(OUT + 1, hi)
 

@@ -20,7 +20,7 @@ import triton.language as tl
 from conftest import DEVICE, ON_GPU, assert_close_2x, fresh_tuning
 
 import hf_flash
-from hf_flash.kernels import attention as kernels
+import hf_flash.kernels as kernels
 from hf_flash.reference import attention_reference, varlen_attention_reference, visibility_mask
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
@@ -124,9 +124,9 @@ def _call(kernel, inputs, keep_shape, dropout_p, kwargs):
         assert torch.equal(after, before), "dropout_p=0 must not draw random numbers"
         return out, lse, None
     torch.manual_seed(SEED)
-    seed = kernels.draw_dropout_seed(device)
+    seed = kernels.dropout.draw_dropout_seed(device)
     assert torch.equal(_rng_state(device), after), "a call with dropout draws one draw_dropout_seed and nothing else"
-    keep = kernels.dropout_mask(seed, *keep_shape, dropout_p)
+    keep = kernels.dropout.dropout_mask(seed, *keep_shape, dropout_p)
     assert keep.dtype == torch.bool and tuple(keep.shape) == tuple(keep_shape)
     return out, lse, keep
 
@@ -327,7 +327,7 @@ def _philox_probe(SEED, ROWS, GROUPS, OUT, N_ROWS: tl.constexpr, N_GROUPS: tl.co
     seed = tl.load(SEED)
     rows = tl.load(ROWS + tl.arange(0, N_ROWS))
     groups = tl.load(GROUPS + tl.arange(0, N_GROUPS))
-    ours = kernels._philox_words(seed, rows, groups)
+    ours = kernels.dropout._philox_words(seed, rows, groups)
     r64 = rows.to(tl.int64)
     ref = tl.philox(seed, groups.to(tl.uint32)[None, :], (r64 >> 32).to(tl.uint32)[:, None],
                     r64.to(tl.uint32)[:, None], 0, 7)
@@ -358,20 +358,20 @@ def test_dropout_mask_statistics(dropout_p):
     to 14 bits); same seed same mask, new seed new mask."""
     shape = (4, 8, 1024, 1024) if ON_GPU else (2, 3, 64, 100)
     torch.manual_seed(0)
-    seed = kernels.draw_dropout_seed(torch.device(DEVICE))
+    seed = kernels.dropout.draw_dropout_seed(torch.device(DEVICE))
     assert seed.dtype == torch.int64 and seed.shape == (1,) and seed.device.type == DEVICE
-    keep = kernels.dropout_mask(seed, *shape, dropout_p)
+    keep = kernels.dropout.dropout_mask(seed, *shape, dropout_p)
     assert keep.dtype == torch.bool and keep.shape == shape
     kept, n = keep.sum().item(), keep.numel()
-    q = kernels.kept_probability(dropout_p)
+    q = kernels.dropout.kept_probability(dropout_p)
     assert q == 1 - min(math.ceil(dropout_p * 16384), 16383) / 16384 and 0 <= (1 - dropout_p) - q < 2 ** -14
     with pytest.raises(ValueError, match="dropout_p must be a float in \\[0, 1\\), got 1.0"):
-        kernels.kept_probability(1.0)
+        kernels.dropout.kept_probability(1.0)
     std = math.sqrt(n * q * (1 - q))
     expected = n * q
     assert abs(kept - expected) <= 5 * std, f"kept {kept} of {n}, expected {expected:.0f} ± {5 * std:.0f}"
-    assert torch.equal(kernels.dropout_mask(seed.clone(), *shape, dropout_p), keep), "same seed, different mask"
-    other = kernels.dropout_mask(kernels.draw_dropout_seed(torch.device(DEVICE)), *shape, dropout_p)
+    assert torch.equal(kernels.dropout.dropout_mask(seed.clone(), *shape, dropout_p), keep), "same seed, different mask"
+    other = kernels.dropout.dropout_mask(kernels.dropout.draw_dropout_seed(torch.device(DEVICE)), *shape, dropout_p)
     assert not torch.equal(other, keep), "a new seed gave the same mask"
     # batches, heads and rows each get their own numbers, not copies of one stream
     assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
@@ -395,12 +395,12 @@ def test_dropout_mask_same_for_every_tile_size(block_m, block_n, transposed):
     """The forward and backward kernels use different tiles, and the dK/dV kernel draws them transposed
     (_dropout_keep_t: raw Philox words gathered across threads from 64 keys on); each must draw the same mask."""
     shape = (2, 3, 70, 300)
-    seed = kernels.draw_dropout_seed(torch.device(DEVICE))
-    ref = kernels.dropout_mask(seed, *shape, 0.3)
+    seed = kernels.dropout.draw_dropout_seed(torch.device(DEVICE))
+    ref = kernels.dropout.dropout_mask(seed, *shape, 0.3)
     out = torch.empty(shape, device=DEVICE, dtype=torch.int8)
-    kernels._dropout_mask_kernel[(triton.cdiv(shape[2], block_m) * shape[0] * shape[1],)](
+    kernels.dropout._dropout_mask_kernel[(triton.cdiv(shape[2], block_m) * shape[0] * shape[1],)](
         seed, out, shape[2], shape[3], 0.3, BLOCK_M=block_m, BLOCK_N=block_n, TRANSPOSED=transposed,
-        INTERPRET=bool(kernels.INTERPRET))
+        INTERPRET=bool(kernels.settings.INTERPRET))
     assert torch.equal(out.bool(), ref)
 
 
@@ -421,7 +421,7 @@ def test_dropout_mask_follows_the_documented_draws():
     k % 64 = 8 * n + 2 * c + e; its word n // 2 and draw j = 2 * (n % 2) + e of that word, the high 14 bits of
     the word's bytes lo + 1 mod 4 (high) and lo (low), lo = 0, 2, 3, 1 for j = 0..3."""
     rows, keys, p = 16, 128, 0.3
-    seed = kernels.draw_dropout_seed(torch.device(DEVICE))
+    seed = kernels.dropout.draw_dropout_seed(torch.device(DEVICE))
     words = torch.empty(rows, keys // 16, 4, dtype=torch.int32, device=DEVICE)
     _philox_words[(1,)](seed, words, N_GROUPS=keys // 16, N_ROWS=rows)
     data = words.to(torch.int64) & 0xFFFFFFFF
@@ -435,13 +435,13 @@ def test_dropout_mask_follows_the_documented_draws():
         lo = (0, 2, 3, 1)[j]
         draw = (byte[(lo + 1) % 4][:, g, w] * 256 + byte[lo][:, g, w]) >> 2
         expected[:, k] = draw >= t
-    assert torch.equal(kernels.dropout_mask(seed, 1, 1, rows, keys, p)[0, 0], expected)
+    assert torch.equal(kernels.dropout.dropout_mask(seed, 1, 1, rows, keys, p)[0, 0], expected)
 
 
 @triton.jit
 def _pair_words_probe(SEED, OUT, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
-    x = kernels._pair_words(tl.load(SEED), rows.to(tl.int64), start_n, BLOCK_M, BLOCK_N)
+    x = kernels.dropout._pair_words(tl.load(SEED), rows.to(tl.int64), start_n, BLOCK_M, BLOCK_N)
     tl.store(OUT + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], x.to(tl.int32, bitcast=True))
 
 
@@ -452,14 +452,14 @@ def test_pair_words_give_the_documented_mask(block_n, p):
     lane of the word _pair_words gives it, bits 0-13 (even key) or 16-29 (odd key), is >= t / 4 compared as an
     fp16 value: the same mask as dropout_mask(). The asm itself runs only on a GPU (the dropout tests there)."""
     rows = 16
-    seed = kernels.draw_dropout_seed(torch.device(DEVICE))
+    seed = kernels.dropout.draw_dropout_seed(torch.device(DEVICE))
     out = torch.empty(rows, block_n, dtype=torch.int32, device=DEVICE)
     _pair_words_probe[(1,)](seed, out, block_n, BLOCK_M=rows, BLOCK_N=block_n)  # the second tile of the row
     x = out.to(torch.int64) & 0xFFFFFFFF
     lane = torch.where(torch.arange(block_n, device=DEVICE) % 2 == 0, x & 0x3FFF, (x >> 16) & 0x3FFF)
     t = torch.tensor(min(math.ceil(p * 16384), 16383), dtype=torch.int16)
     keep = lane.to(torch.int16).view(torch.float16).cpu() >= t.view(torch.float16)
-    assert torch.equal(keep, kernels.dropout_mask(seed, 1, 1, rows, 2 * block_n, p)[0, 0, :, block_n:].cpu())
+    assert torch.equal(keep, kernels.dropout.dropout_mask(seed, 1, 1, rows, 2 * block_n, p)[0, 0, :, block_n:].cpu())
 
 
 def test_dropout_seed_and_return_lse():
@@ -539,16 +539,16 @@ def _check_backward_paths(dropout_p):
 
 @pytest.mark.parametrize("mode, dropout_p", [("1", 0.3), ("1", 0.0), ("dropout", 0.2)])
 def test_atomic_dq(mode, dropout_p, monkeypatch):
-    """kernels._ATOMIC_DQ: the dK/dV kernel sums dQ with atomics (one launch); same gradients as the reference,
+    """kernels.settings._ATOMIC_DQ: the dK/dV kernel sums dQ with atomics (one launch); same gradients as the reference,
     dense (GQA, window, ALiBi, both paddings, lse gradient) and packed."""
-    monkeypatch.setattr(kernels, "_ATOMIC_DQ", mode)
+    monkeypatch.setattr(kernels.settings, "_ATOMIC_DQ", mode)
     q, k, v = _check_backward_paths(dropout_p)
 
     # deterministic=True, or torch.use_deterministic_algorithms(True), computes dQ in the dQ kernel whatever
     # _ATOMIC_DQ says (else that kernel only computes delta)
     launched = []
-    launch = kernels._launch
-    monkeypatch.setattr(kernels, "_launch", lambda kernel, *a, **kw: launched.append(
+    launch = kernels.launch._launch
+    monkeypatch.setattr(kernels.launch, "_launch", lambda kernel, *a, **kw: launched.append(
         (kernel.base_fn.__name__, kw.get("DELTA_ONLY"), kw.get("ATOMIC_DQ"))) or launch(kernel, *a, **kw))
     for deterministic, torch_deterministic in ((True, False), (False, True), (False, False)):
         launched.clear()
@@ -569,14 +569,15 @@ def test_atomic_dq(mode, dropout_p, monkeypatch):
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_dkdv_rows(dropout_p, monkeypatch):
-    """kernels._DKDV_ROWS = "1": the dK/dV kernel's tiles as (queries, keys); same gradients as the reference,
+    """kernels.settings._DKDV_ROWS = "1": the dK/dV kernel's tiles as (queries, keys); same gradients as the reference,
     dense (GQA, window, ALiBi, both paddings, lse gradient) and packed, with and without atomic dQ."""
-    monkeypatch.setattr(kernels, "_DKDV_ROWS", "1")
+    monkeypatch.setattr(kernels.settings, "_DKDV_ROWS", "1")
     fresh_tuning(monkeypatch)  # the orientation is tuned: start from no tuned configs
     for atomic_dq in ("0", "dropout"):
-        monkeypatch.setattr(kernels, "_ATOMIC_DQ", atomic_dq)
+        monkeypatch.setattr(kernels.settings, "_ATOMIC_DQ", atomic_dq)
         _check_backward_paths(dropout_p)
-    chosen = [c.kwargs["QK_ROWS"] for key, c in kernels._CHOSEN.items() if key[0] is kernels._attn_bwd_dkdv]
+    dkdv = kernels.backward_dkdv._attn_bwd_dkdv
+    chosen = [c.kwargs["QK_ROWS"] for key, c in kernels.launch._CHOSEN.items() if key[0] is dkdv]
     assert chosen and all(chosen), chosen
 
 
@@ -585,11 +586,11 @@ def test_dkdv_rows(dropout_p, monkeypatch):
                                                      ("tune", False, {False, True})])
 def test_dkdv_rows_candidates(mode, dropout, expected, monkeypatch):
     """Which dK/dV tile orientations the tuner may time: by default both with dropout, (keys, queries) without."""
-    monkeypatch.setattr(kernels, "_DKDV_ROWS", mode)
-    monkeypatch.setattr(kernels, "AUTOTUNE", True)
-    monkeypatch.setattr(kernels, "INTERPRET", False)  # so _prune returns every candidate, not the first
-    kept = kernels._prune(kernels._attn_bwd_dkdv.configs, {"Q": torch.empty(0, dtype=FP16)}, BLOCK_D=64,
-                          DROPOUT=dropout)
+    monkeypatch.setattr(kernels.settings, "_DKDV_ROWS", mode)
+    monkeypatch.setattr(kernels.settings, "AUTOTUNE", True)
+    monkeypatch.setattr(kernels.settings, "INTERPRET", False)  # so _prune returns every candidate, not the first
+    kept = kernels.tuning._prune(kernels.backward_dkdv._attn_bwd_dkdv.configs, {"Q": torch.empty(0, dtype=FP16)},
+                                 BLOCK_D=64, DROPOUT=dropout)
     assert {c.kwargs["QK_ROWS"] for c in kept} == expected
 
 
@@ -599,26 +600,26 @@ def test_dkdv_rows_candidates(mode, dropout, expected, monkeypatch):
 def test_register_capped_forward_tile_only_with_dropout_at_head_dim_64(dropout, head_dim, dtype, capped, monkeypatch):
     """The forward's register-capped candidate is timed only where it was measured to help: dropout, BLOCK_D 64,
     fp16 or bf16."""
-    monkeypatch.setattr(kernels, "AUTOTUNE", True)
-    monkeypatch.setattr(kernels, "INTERPRET", False)  # so _prune returns every candidate, not the first
-    configs = kernels._configs([(64, 64, 4, 3)]) + kernels._configs([(64, 64, 4, 3)], maxnreg=128)
-    kept = kernels._prune(configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=head_dim, DROPOUT=dropout)
+    monkeypatch.setattr(kernels.settings, "AUTOTUNE", True)
+    monkeypatch.setattr(kernels.settings, "INTERPRET", False)  # so _prune returns every candidate, not the first
+    configs = kernels.tuning._configs([(64, 64, 4, 3)]) + kernels.tuning._configs([(64, 64, 4, 3)], maxnreg=128)
+    kept = kernels.tuning._prune(configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=head_dim, DROPOUT=dropout)
     assert any(c.maxnreg for c in kept) == capped and any(not c.maxnreg for c in kept)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter has no register cap")
 def test_register_capped_forward_tile_is_exact_with_dropout(monkeypatch):
     """The capped candidate alone (what the tuner may pick), under dropout, padding and GQA."""
-    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    monkeypatch.setattr(kernels.settings, "AUTOTUNE", True)
     fresh_tuning(monkeypatch)
-    capped = [c for c in kernels._attn_fwd.configs if c.maxnreg]
+    capped = [c for c in kernels.forward._attn_fwd.configs if c.maxnreg]
     assert capped
-    monkeypatch.setattr(kernels._attn_fwd, "configs", capped[:1])
+    monkeypatch.setattr(kernels.forward._attn_fwd, "configs", capped[:1])
     b, h, hk, sq, sk = 2, 6, 2, 777, 1029
     for dtype in (FP16, BF16):
         q, k, v = _qkv(b, h, hk, sq, sk, 64, dtype)
         check_dense(q, k, v, causal=True, dropout_p=0.2, key_padding_mask=_padding_mask(b, sk, "left"), lse_grad=True)
-    assert [cfg for key, cfg in kernels._CHOSEN.items() if key[0] is kernels._attn_fwd] == capped[:1] * 2
+    assert [cfg for key, cfg in kernels.launch._CHOSEN.items() if key[0] is kernels.forward._attn_fwd] == capped[:1] * 2
 
 
 # --- determinism and recomputation ----------------------------------------------------------------

@@ -21,7 +21,7 @@ from transformers.masking_utils import (bidirectional_mask_function, causal_mask
 
 import hf_flash
 from hf_flash import integration
-from hf_flash.kernels import attention as kernels
+import hf_flash.kernels as kernels
 from hf_flash.reference import attention_reference
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
@@ -374,11 +374,12 @@ def test_autocast_casts_fp32_inputs_and_fp32_stays_fp32():
 @pytest.mark.parametrize("entry", ["dense", "sparse"])
 def test_deterministic_switches(entry, monkeypatch):
     """transformers' switches, the `deterministic` keyword, else FLASH_ATTENTION_DETERMINISTIC=1, keep the dQ
-    kernel in a training call with dropout; without them dQ is summed with atomics (kernels._ATOMIC_DQ's default)."""
-    monkeypatch.setattr(kernels, "_ATOMIC_DQ", "dropout")
+    kernel in a training call with dropout; without them dQ is summed with atomics (kernels.settings._ATOMIC_DQ's
+    default)."""
+    monkeypatch.setattr(kernels.settings, "_ATOMIC_DQ", "dropout")
     launched = []
-    launch = kernels._launch
-    monkeypatch.setattr(kernels, "_launch", lambda kernel, *a, **kw: launched.append(kw.get("ATOMIC_DQ"))
+    launch = kernels.launch._launch
+    monkeypatch.setattr(kernels.launch, "_launch", lambda kernel, *a, **kw: launched.append(kw.get("ATOMIC_DQ"))
                         or launch(kernel, *a, **kw))
     layer = _Layer(True).train()
     forward = integration.hf_triton_attention_forward
@@ -411,7 +412,7 @@ def test_dropout_only_while_training():
 
 
 def test_cpu_without_interpreter_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels.settings, "INTERPRET", False)
     monkeypatch.setattr(integration, "_warned_fallback", False)
     models = build(transformers.BertModel, bert_config())
     mask = padding_mask("mixed")

@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE, ON_GPU, assert_close_2x, assert_compiled_matches, fresh_tuning
 
 import hf_flash
-from hf_flash.kernels import attention as kernels
+import hf_flash.kernels as kernels
 from hf_flash.reference import attention_reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -94,7 +94,7 @@ def test_strided_inputs(layout, causal):
 def test_launch_cache_tells_calls_apart():
     """Repeated calls with the same shapes and strides that Triton compiles differently: a pointer that is not
     16-byte aligned, another dtype, another scale. On the GPU the second and later calls take the cached launch
-    path (kernels._COMPILED), which must not hand them a kernel compiled for the first."""
+    path (kernels.launch._COMPILED), which must not hand them a kernel compiled for the first."""
     b, s, h, d = 1, 37, 2, 32
     n = b * s * h * d
     for offset, dtype, scale in ((0, torch.float16, None), (1, torch.float16, None), (0, torch.bfloat16, None),
@@ -109,17 +109,18 @@ def test_launch_key_holds_what_triton_specialises_on(monkeypatch):
     """The cached launch path's key (runs on CPU too, where the interpreter has no cache): equal for new data
     in the same layout, so the cache is hit; different for a misaligned pointer, another dtype, another scalar."""
     calls = []
-    monkeypatch.setattr(kernels, "_launch", lambda kernel, rows, block, programs, **kw: calls.append((kernel, kw)))
+    monkeypatch.setattr(kernels.launch, "_launch",
+                        lambda kernel, rows, block, programs, **kw: calls.append((kernel, kw)))
     q, k, v = (torch.randn(1, 40, 2, 32, device=DEVICE, dtype=torch.float16) for _ in range(3))
     hf_flash.flash_attn_func(q, k, v, causal=True)
     kernel, kwargs = calls[0]
-    key = lambda **changes: kernels._launch_key(kernel, {**kwargs, **changes})[0]  # noqa: E731
+    key = lambda **changes: kernels.launch._launch_key(kernel, {**kwargs, **changes})[0]  # noqa: E731
     assert key() == key(Q=q.clone(), K=k.clone(), V=v.clone())
     misaligned = torch.randn(q.numel() + 8, device=DEVICE, dtype=q.dtype)[1:1 + q.numel()].view_as(q)
     assert key() != key(Q=misaligned)
     assert key() != key(Q=q.bfloat16(), K=k.bfloat16(), V=v.bfloat16())
     assert key() != key(qk_scale=kwargs["qk_scale"] * 2)
-    assert kernels._launch_key(kernel, kwargs)[1][0] == q.data_ptr()  # addresses, in signature order
+    assert kernels.launch._launch_key(kernel, kwargs)[1][0] == q.data_ptr()  # addresses, in signature order
 
 
 def test_reset_tuning_forgets_configs_and_launches():
@@ -128,12 +129,12 @@ def test_reset_tuning_forgets_configs_and_launches():
     q, k, v = _qkv(1, 2, 1, 45, 77, 32, torch.float16)
     out = hf_flash.flash_attn_func(q, k, v, causal=True)
     torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-    tuned = (kernels._attn_fwd, kernels._attn_bwd_dq, kernels._attn_bwd_dkdv)
-    assert kernels._CHOSEN and all(kernel.cache for kernel in tuned)
-    kernels.reset_tuning()
-    assert not kernels._CHOSEN and not kernels._COMPILED and not any(kernel.cache for kernel in tuned)
+    tuned = (kernels.forward._attn_fwd, kernels.backward_dq._attn_bwd_dq, kernels.backward_dkdv._attn_bwd_dkdv)
+    assert kernels.launch._CHOSEN and all(kernel.cache for kernel in tuned)
+    kernels.launch.reset_tuning()
+    assert not kernels.launch._CHOSEN and not kernels.launch._COMPILED and not any(kernel.cache for kernel in tuned)
     assert torch.equal(hf_flash.flash_attn_func(q, k, v, causal=True), out)
-    assert kernels._CHOSEN
+    assert kernels.launch._CHOSEN
 
 
 def test_softmax_scale_and_empty_rows():
@@ -256,22 +257,22 @@ def test_mixed_devices():
 
 
 def test_cpu_without_interpreter_says_how_to_run(monkeypatch):
-    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels.settings, "INTERPRET", False)
     x = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         hf_flash.flash_attn_func(x, x, x)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter has a single config")
-@pytest.mark.parametrize("index", range(max(len(kernels._FWD_CONFIGS), len(kernels._BWD_DKDV_CONFIGS),
-                                            len(kernels._BWD_DQ_CONFIGS))))
+@pytest.mark.parametrize("index", range(max(len(kernels.tuning._FWD_CONFIGS), len(kernels.tuning._BWD_DKDV_CONFIGS),
+                                            len(kernels.tuning._BWD_DQ_CONFIGS))))
 @pytest.mark.parametrize("head_dim, dtype", [(64, torch.float16), (128, torch.bfloat16), (256, torch.float16)])
 def test_every_config_is_exact(index, head_dim, dtype, monkeypatch):
     """Each autotuning candidate computes the same function, whichever the tuner picks."""
-    monkeypatch.setattr(kernels, "AUTOTUNE", True)
-    monkeypatch.setattr(kernels, "_DKDV_ROWS", "tune")  # the dK/dV tiles in both orientations
+    monkeypatch.setattr(kernels.settings, "AUTOTUNE", True)
+    monkeypatch.setattr(kernels.settings, "_DKDV_ROWS", "tune")  # the dK/dV tiles in both orientations
     for kernel in fresh_tuning(monkeypatch):
-        configs = kernels._prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=head_dim)
+        configs = kernels.tuning._prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=head_dim)
         monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])
     for causal in (False, True):
         check_against_reference(*_qkv(2, 4, 2, 333, 301, head_dim, dtype), causal)
@@ -283,16 +284,16 @@ def test_autotuner_times_every_config_on_the_gpu(atomic_dq, monkeypatch):
     """The search times each candidate from a CUDA graph (_time_config), in the forward and in the backward
     (which autograd runs on its device thread), and the tuned kernels are exact; with _ATOMIC_DQ (the dQ kernel
     then computes only delta), the tuning runs' dQ sums are reset before the real launch."""
-    monkeypatch.setattr(kernels, "_ATOMIC_DQ", atomic_dq)
+    monkeypatch.setattr(kernels.settings, "_ATOMIC_DQ", atomic_dq)
     x = torch.randn(1 << 20, device="cuda")
-    median, low, high = kernels._time_config(lambda: x.mul_(1.0), None)
+    median, low, high = kernels.tuning._time_config(lambda: x.mul_(1.0), None)
     assert 0 < low <= median <= high < 1.0  # ms; a 4 MB in-place multiply takes microseconds
-    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    monkeypatch.setattr(kernels.settings, "AUTOTUNE", True)
     tuners = fresh_tuning(monkeypatch)
     for kernel in tuners:
         monkeypatch.setattr(kernel, "configs_timings", None, raising=False)
     check_against_reference(*_qkv(2, 3, 3, 517, 517, 64, torch.bfloat16), True)
-    assert {key[0] for key in kernels._CHOSEN} == set(tuners)
+    assert {key[0] for key in kernels.launch._CHOSEN} == set(tuners)
     for kernel in tuners:
         timings = kernel.configs_timings
         assert timings and len(timings) > 1, kernel.base_fn.__name__

@@ -18,7 +18,7 @@ from test_features import FP16, FP32, _qkv, check_dense, check_varlen
 
 import hf_flash
 from hf_flash import layouts as L
-from hf_flash.kernels import attention as kernels
+import hf_flash.kernels as kernels
 
 # seqlen_k one past a multiple of each first dK/dV key tile (32 under the interpreter, 128 on the GPU)
 KEY_LENGTHS = [33, 129] if ON_GPU else [33]
@@ -41,8 +41,8 @@ def _very_negative_rows(batch, seqlen_q, seqlen_k, nheads, head_dim, dtype=FP16)
     ids=["atomic-dropout-keys_rows", "atomic-dropout-rows_keys", "atomic-keys_rows", "atomic-rows_keys",
          "dq_kernel-dropout"])
 def test_ragged_keys_with_very_negative_scores_dense(seqlen_k, atomic_dq, dkdv_rows, dropout_p, monkeypatch):
-    monkeypatch.setattr(kernels, "_ATOMIC_DQ", atomic_dq)
-    monkeypatch.setattr(kernels, "_DKDV_ROWS", dkdv_rows)
+    monkeypatch.setattr(kernels.settings, "_ATOMIC_DQ", atomic_dq)
+    monkeypatch.setattr(kernels.settings, "_DKDV_ROWS", dkdv_rows)
     fresh_tuning(monkeypatch)  # the orientation is a tuned parameter
     q, k, v = _very_negative_rows(1, 8, seqlen_k, 1, 32)
     check_dense(q, k, v, dropout_p=dropout_p)
@@ -50,7 +50,7 @@ def test_ragged_keys_with_very_negative_scores_dense(seqlen_k, atomic_dq, dkdv_r
 
 @pytest.mark.parametrize("seqlen_k", KEY_LENGTHS)
 def test_ragged_keys_with_very_negative_scores_block_sparse(seqlen_k, monkeypatch):
-    monkeypatch.setattr(kernels, "_ATOMIC_DQ", "1")
+    monkeypatch.setattr(kernels.settings, "_ATOMIC_DQ", "1")
     fresh_tuning(monkeypatch)
     q, k, v = _very_negative_rows(1, 40, seqlen_k, 2, 32)
     layout = L.local(24, 40, seqlen_k, block_size=16, device=DEVICE) | L.global_tokens(3, 40, seqlen_k, 16,
@@ -94,14 +94,15 @@ def test_dropout_keeps_the_expectation(dropout_p):
     torch.manual_seed(0)
     out = hf_flash.flash_attn_func(q, q, torch.ones_like(q), dropout_p=dropout_p)[..., 0]
     torch.manual_seed(0)
-    kept = kernels.dropout_mask(kernels.draw_dropout_seed(q.device), batch, heads, seqlen, seqlen, dropout_p)
-    keep = kernels.kept_probability(dropout_p)
+    seed = kernels.dropout.draw_dropout_seed(q.device)
+    kept = kernels.dropout.dropout_mask(seed, batch, heads, seqlen, seqlen, dropout_p)
+    keep = kernels.dropout.kept_probability(dropout_p)
     expected = kept.sum(-1).double().transpose(1, 2) / seqlen / keep  # (batch, seqlen, heads)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
     std = (keep * (1 - keep) / kept.numel()) ** 0.5 / keep
     mean = out.double().mean().item()
     assert abs(mean - 1.0) <= 5 * std, f"E[out] / out = {mean:.4f}, expected 1 ± {5 * std:.4f}"
-    assert kernels.quantised_dropout_p(dropout_p) == 1 - keep >= dropout_p
+    assert kernels.dropout.quantised_dropout_p(dropout_p) == 1 - keep >= dropout_p
 
 
 def test_double_backward_raises():

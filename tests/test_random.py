@@ -8,7 +8,7 @@ softmax scales, large logits, rows whose scores are all very negative). Checked 
 out, dq, dk, dv within 2x PyTorch's own error in the same dtype plus a floor (see "the check" for why the floor
 is relative to each quantity's natural magnitude), lse against the reference, exact zeros for rows that see no
 key and keys that no query sees, and dropout through the keep mask the kernel reports (test_features._call and
-kernels.dropout_mask), kept values scaled by 1 / kernels.kept_probability(p) (issue 23, item 4).
+kernels.dropout.dropout_mask), kept values scaled by 1 / kernels.dropout.kept_probability(p) (issue 23, item 4).
 
 Budget: derandomized (the same examples on every run), no example database. HF_FLASH_HYPOTHESIS_EXAMPLES is
 the number of examples over all the randomized tests (default CI_EXAMPLES, about a minute under the CPU
@@ -32,7 +32,7 @@ from test_features import _call
 
 import hf_flash
 from hf_flash import layouts as L
-from hf_flash.kernels import attention as kernels
+import hf_flash.kernels as kernels
 from hf_flash.reference import attention_reference, varlen_attention_reference, visibility_mask
 
 pytest.importorskip("hypothesis", reason="the randomized test needs hypothesis (pip install -e '.[test]')")
@@ -253,7 +253,7 @@ def _natural(q, k, v, dout, dlse, keep, dropout_p, **features):
     group = q.shape[2] // nheads_kv
     one_hot = torch.eye(seqlen_k, dtype=q.dtype, device=q.device)[None, :, None, :].expand(batch, -1, nheads_kv, -1)
     probs = attention_reference(q, k, one_hot, **features)[0]  # (batch, seqlen_q, nheads, seqlen_k): P
-    drop = 1.0 if keep is None else keep.transpose(1, 2) / kernels.kept_probability(dropout_p)
+    drop = 1.0 if keep is None else keep.transpose(1, 2) / kernels.dropout.kept_probability(dropout_p)
     dropped = probs * drop
     k_h, v_h = (t.repeat_interleave(group, dim=2) for t in (k, v))
     out = torch.einsum("bqhk,bkhd->bqhd", dropped, v_h)

@@ -35,7 +35,7 @@ def main(argv=None):
                            == (want.kwargs, want.num_warps, want.num_stages)]
         if len(forward.configs) != 1:
             raise SystemExit(f"--config {args.config}: not one of the forward candidates")
-        kernels().reset_tuning()
+        kernels().launch.reset_tuning()
     q, k, v = (torch.randn(4, 4096, 2048 // args.headdim, args.headdim, device="cuda", dtype=torch.float16)
                for _ in range(3))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))

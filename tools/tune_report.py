@@ -8,8 +8,8 @@ marked. --extra adds configs that are not among the candidates, to ask whether o
         --extra dkdv:64x64w8s3 dkdv:64x128w8s2r168 fwd:128x128w8s2
 
 (M x N tile, w warps, s stages, optional r = maxnreg, q: a dK/dV tile as (queries, keys)). --dkdv-rows and
---atomic-dq set the kernels' private overrides (attention._DKDV_ROWS: which dK/dV tile orientations the tuner
-times; attention._ATOMIC_DQ: when dQ is summed with atomics in the dK/dV kernel) for A/B comparisons, e.g.
+--atomic-dq set the kernels' private overrides (hf_flash.kernels.settings._DKDV_ROWS: which dK/dV tile orientations
+the tuner times; settings._ATOMIC_DQ: when dQ is summed with atomics in the dK/dV kernel) for A/B comparisons, e.g.
 `--dkdv-rows tune` times both orientations of every dK/dV tile. Then fwd and fwd+bwd times of the tuned kernels
 next to SDPA's flash and cuDNN backends, from the same process. Needs a CUDA GPU.
 """
@@ -37,13 +37,13 @@ def parse_extra(spec):
         raise SystemExit(f"--extra {spec}: {error}") from None
 
 
-def set_override(attention, name, value):
-    """attention._ATOMIC_DQ / _DKDV_ROWS = value, refusing a name the kernels do not read."""
+def set_override(settings, name, value):
+    """settings._ATOMIC_DQ / _DKDV_ROWS = value, refusing a name the kernels do not read."""
     if value is None:
         return
-    if not hasattr(attention, name):
-        raise SystemExit(f"hf_flash.kernels.attention has no {name}: this option does not apply to these kernels")
-    setattr(attention, name, value)
+    if not hasattr(settings, name):
+        raise SystemExit(f"hf_flash.kernels.settings has no {name}: this option does not apply to these kernels")
+    setattr(settings, name, value)
 
 
 def main(argv=None):
@@ -63,15 +63,15 @@ def main(argv=None):
                    help="dQ by its own kernel (0), summed with atomics in the dK/dV kernel (1), or atomics only "
                         "under dropout (the kernels' default)")
     args = p.parse_args(argv)
-    attention = kernels()
-    if not torch.cuda.is_available() or attention.INTERPRET or not attention.AUTOTUNE:
+    hf_kernels = kernels()
+    if not torch.cuda.is_available() or hf_kernels.settings.INTERPRET or not hf_kernels.settings.AUTOTUNE:
         raise SystemExit("tune_report.py needs a CUDA GPU, no TRITON_INTERPRET and HF_FLASH_AUTOTUNE unset or 1")
-    set_override(attention, "_DKDV_ROWS", args.dkdv_rows)
-    set_override(attention, "_ATOMIC_DQ", args.atomic_dq)
+    set_override(hf_kernels.settings, "_DKDV_ROWS", args.dkdv_rows)
+    set_override(hf_kernels.settings, "_ATOMIC_DQ", args.atomic_dq)
     kernel_by_name = tuned_kernels()
     for kernel, config in map(parse_extra, args.extra):
         kernel_by_name[kernel].configs.append(config)
-    attention.reset_tuning()
+    hf_kernels.launch.reset_tuning()
 
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     torch.manual_seed(0)
@@ -84,8 +84,8 @@ def main(argv=None):
     torch.cuda.synchronize()
 
     print(f"B{args.batch} N{args.seqlen} H{args.heads} d{args.headdim} {args.dtype} causal={args.causal} "
-          f"dropout={args.dropout} atomic dQ={getattr(attention, '_ATOMIC_DQ', '?')} "
-          f"dK/dV rows={getattr(attention, '_DKDV_ROWS', '?')} | {torch.cuda.get_device_name()}, "
+          f"dropout={args.dropout} atomic dQ={getattr(hf_kernels.settings, '_ATOMIC_DQ', '?')} "
+          f"dK/dV rows={getattr(hf_kernels.settings, '_DKDV_ROWS', '?')} | {torch.cuda.get_device_name()}, "
           f"triton {triton.__version__}")
     for name, kernel in kernel_by_name.items():
         timings = getattr(kernel, "configs_timings", None) or {}

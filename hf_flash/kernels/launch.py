@@ -1,0 +1,295 @@
+"""Host side of a kernel call: the arguments each kernel takes, a short launch path, and the three launchers.
+
+attention_forward runs the forward kernel; attention_backward runs the dQ kernel then the dK/dV kernel. Both
+build the kernels' keyword arguments from the tensors (_features, _layout_args, _strides) and launch through
+_launch, which remembers the tuner's choice (_CHOSEN) and the compiled kernel (_COMPILED) per launch key so that
+a repeated call skips Triton's own launch path. reset_tuning() forgets both.
+
+Dense tensors are (batch, seqlen, nheads, headdim); packed (varlen) ones are (total, nheads, headdim) and are
+viewed as one batch row whose batch stride is never used. The switches are read as attributes of settings at
+each call (settings._ATOMIC_DQ), so that setting one there reaches this module.
+"""
+
+import operator
+
+import torch
+import triton
+
+from . import settings
+from .backward_dkdv import _attn_bwd_dkdv
+from .backward_dq import _attn_bwd_dq
+from .common import LOG2E
+from .dropout import quantised_dropout_p
+from .forward import _attn_fwd
+
+# (kernel, q dtype, tune-key values) -> the Config the autotuner chose for them.
+_CHOSEN = {}
+# launch key -> (compiled kernel's launcher, function, packed metadata, its (BLOCK_M, BLOCK_N)), see _launch.
+_COMPILED = {}
+# kernel -> (getter of its non-autotuned arguments from the kwargs, number of leading pointer arguments)
+_SIGNATURES = {}
+
+
+def _meta(kernel):
+    """The names of the kernel's autotuned parameters (BLOCK_M, BLOCK_N; QK_ROWS too for dK/dV), last in its
+    signature, in signature order."""
+    return kernel.arg_names[-len(kernel.configs[0].kwargs):]
+
+
+_driver = None
+
+
+def _launch(kernel, rows, block, programs, **kwargs):
+    """kernel[grid](**kwargs) on the 1-D grid of cdiv(rows, BLOCK) * programs programs, where BLOCK is the
+    config's `block` ("BLOCK_M" or "BLOCK_N"); by a short path after the first call with the same launch key.
+
+    Triton's launch path binds the ~70 arguments by name and specialises each, and the autotuner
+    rebuilds dicts of them: ~60 us of host time per launch on an H100 host, more than short and
+    block-sparse kernels take on the GPU. What Triton compiles for a call depends on the constexprs,
+    the integers (it specialises on divisibility by 16 and on == 1), and the dtype and 16-byte
+    alignment of each pointer. The launch key holds all of these (the integers by value; pointer dtypes
+    as q's dtype, because every other pointer's dtype is fixed by the callers: int32 lengths and layouts,
+    bool masks, fp32 lse and slopes, int64 seed), so the cached kernel is the one Triton would pick, and
+    the call goes straight to its C launcher. Pointers go in as integer addresses: given a tensor, the
+    launcher would call data_ptr() and query the driver (cuPointerGetAttribute) for each of ~20 pointers.
+    """
+    global _driver
+    key, addresses, scalars = _launch_key(kernel, kwargs)
+    entry = _COMPILED.get(key)
+    if entry is not None and not _launch_hooks():
+        run, function, metadata, meta, size = entry
+        grid_x = (rows + size - 1) // size * programs
+        run(grid_x, 1, 1, _driver.get_current_stream(_driver.get_current_device()), function, metadata, None, None,
+            None, *addresses, *scalars, *meta)
+        return
+    grid = lambda cfg: (triton.cdiv(rows, cfg[block]) * programs,)
+    tune_key = (kernel, kwargs["Q"].dtype, *(kwargs[name] for name in kernel.keys))
+    config = _CHOSEN.get(tune_key)
+    if config is None:
+        compiled = kernel[grid](**kwargs)
+        config = kernel.best_config
+        _CHOSEN[tune_key] = config
+    else:
+        compiled = kernel.fn.run(grid=grid, warmup=False, **kwargs, **config.all_kwargs())
+    if not settings.INTERPRET:  # the interpreter has no compiled kernel
+        if len(_COMPILED) > 4096:  # many distinct lengths (e.g. padded to the batch's longest): start over
+            _COMPILED.clear()
+        _driver = triton.runtime.driver.active
+        _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata,
+                          tuple(config.kwargs[name] for name in _meta(kernel)), config.kwargs[block])
+
+
+def reset_tuning():
+    """Forget the autotuned configs and cached launches: the next call of each shape tunes again.
+
+    The tuning key holds lengths, head dim, block sizes and feature flags, not a block-sparse layout's
+    contents, so every layout with the same key runs with the config tuned on the first one. A model
+    uses one layout and is tuned on it; a benchmark that compares layouts in one process calls this
+    between them (each layout then gets what it would get in a process of its own)."""
+    _CHOSEN.clear()
+    _COMPILED.clear()
+    for kernel in (_attn_fwd, _attn_bwd_dq, _attn_bwd_dkdv):
+        kernel.cache.clear()  # the autotuner's own choices, keyed the same way
+
+
+def _launch_key(kernel, kwargs):
+    """(launch key, pointer addresses, the other non-autotuned arguments in signature order), see _launch."""
+    signature = _SIGNATURES.get(kernel)
+    if signature is None:  # every kernel takes its pointers first (disabled ones get a dummy tensor)
+        names = kernel.arg_names[:-len(_meta(kernel))]
+        n_ptr = next(i for i, name in enumerate(names) if not isinstance(kwargs[name], torch.Tensor))
+        signature = _SIGNATURES[kernel] = (operator.itemgetter(*names), n_ptr)
+    getter, n_ptr = signature
+    values = getter(kwargs)
+    addresses = [p.data_ptr() for p in values[:n_ptr]]
+    scalars = values[n_ptr:]
+    return (kernel, kwargs["Q"].dtype, scalars, *[a % 16 for a in addresses]), addresses, scalars
+
+
+def _launch_hooks():
+    """Whether a profiler (e.g. proton) has launch hooks registered: then launches take Triton's own path.
+    (A chain of hooks, empty by default, in Triton >= 3.5; None or a function before.)"""
+    hook = triton.knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _bucket(n):
+    """The power of two >= max(n, 16). (triton.next_power_of_2 is a jit-wrapped function: ~10 us per call.)"""
+    return 1 << (max(n, 16) - 1).bit_length()
+
+
+def _as_4d(x, varlen):
+    """A (batch, seqlen, nheads, headdim) view and its strides; packed tensors get batch stride 0."""
+    if not varlen:
+        return x, x.stride()
+    return x.unsqueeze(0), (0, *x.stride())
+
+
+
+def _key_range(key_padding_mask):
+    """(batch, 2) int32 [first, last + 1) of the attended keys of each batch row (empty: [0, 0)),
+    computed on the device so the kernels can skip the padding blocks without a host sync."""
+    kpm = key_padding_mask
+    idx = torch.arange(kpm.shape[1], device=kpm.device, dtype=torch.int32)
+    first = torch.where(kpm, idx, kpm.shape[1]).amin(1)
+    last = torch.where(kpm, idx + 1, 0).amax(1)
+    return torch.stack([torch.minimum(first, last), last], 1).to(torch.int32).contiguous()
+
+
+def _layout_args(q, layout_tensors, layout_block_q, layout_block_k):
+    """Block-sparse arguments: (for the forward and dQ: key blocks of each query block; for dK/dV: query
+    blocks of each key block). layout_tensors is BlockSparseLayout.kernel_tensors()[0], or empty (dense)."""
+    if not layout_tensors:
+        dummy = dict(LY_NUM=q, LY_IDX=q, LY_FULL_NUM=q, LY_FULL_IDX=q, TILE_IDX=q, TILES=q, RULE=q, ORDER=q, MAJOR=q,
+                     ly_sb=0, ly_sh=0, SPARSE=False, HAS_TILES=False, HAS_RULE=False, LAYOUT_BQ=0, LAYOUT_BK=0)
+        return dummy, dummy
+    (kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, q_order, k_order, q_major,
+     k_major, tile_index, tiles, rule) = layout_tensors
+    batch, heads = kv_num.shape[:2]  # 1 when the layout is shared (broadcast) over that dim
+    common = dict(TILE_IDX=tile_index, TILES=tiles, RULE=rule, ly_sb=heads if batch > 1 else 0,
+                  ly_sh=1 if heads > 1 else 0, SPARSE=True, HAS_TILES=tiles.numel() > 0, HAS_RULE=rule.numel() > 0,
+                  LAYOUT_BQ=layout_block_q, LAYOUT_BK=layout_block_k)
+    return (dict(LY_NUM=kv_num, LY_IDX=kv_idx, LY_FULL_NUM=full_kv_num, LY_FULL_IDX=full_kv_idx, ORDER=q_order,
+                 MAJOR=q_major, **common),
+            dict(LY_NUM=q_num, LY_IDX=q_idx, LY_FULL_NUM=full_q_num, LY_FULL_IDX=full_q_idx, ORDER=k_order,
+                 MAJOR=k_major, **common))
+
+
+def _launch_rows(seqlen, layout_block):
+    """Rows the grid covers: block-sparse kernels start a program for every kernel tile of every layout
+    block, the last (partial) one's too, because the layout's order maps ranks to whole layout blocks."""
+    return -(-seqlen // layout_block) * layout_block if layout_block else seqlen
+
+
+def _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, alibi_slopes, seed,
+              softmax_scale, window_left, window_right, dropout_p):
+    """Kernel arguments shared by the forward and both backward kernels."""
+    varlen = cu_seqlens_q is not None
+    nheads, head_dim = q.shape[-2], q.shape[-1]
+    seq_q = max_seqlen_q if varlen else q.shape[1]
+    seq_k = max_seqlen_k if varlen else k.shape[1]
+    dummy = q  # for pointers a disabled feature never reads
+    alibi = alibi_slopes
+    alibi_strides = (0, 0)
+    if alibi is not None:
+        alibi_strides = (alibi.stride(0), alibi.stride(1)) if alibi.dim() == 2 else (0, alibi.stride(0))
+    kpm = key_padding_mask
+    # lse and delta: (batch, nheads, seqlen_q), or (nheads, total_q) for packed sequences
+    lse_strides = (0, q.shape[0]) if varlen else (nheads * seq_q, seq_q)
+    ptrs = dict(CU_Q=cu_seqlens_q if varlen else dummy, CU_K=cu_seqlens_k if varlen else dummy,
+                KPM=kpm if kpm is not None else dummy,
+                K_RANGE=_key_range(kpm) if kpm is not None else dummy,
+                ALIBI=alibi if alibi is not None else dummy, SEED=seed if seed is not None else dummy)
+    args = dict(
+        stride_lb=lse_strides[0], stride_lh=lse_strides[1], stride_kpm=kpm.stride(0) if kpm is not None else 0,
+        stride_ab=alibi_strides[0], stride_ah=alibi_strides[1],
+        NHEADS=nheads, GROUP=nheads // k.shape[-2], SEQ_Q=seq_q, SEQ_K=seq_k,
+        qk_scale=softmax_scale * LOG2E.value, win_left=window_left, win_right=window_right,
+        dropout_p=quantised_dropout_p(dropout_p),
+        SEQ_Q_BUCKET=_bucket(seq_q), SEQ_K_BUCKET=_bucket(seq_k),
+        HEAD_DIM=head_dim, BLOCK_D=_bucket(head_dim), IS_VARLEN=varlen,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_KPM=kpm is not None,
+        HAS_ALIBI=alibi is not None, DROPOUT=dropout_p > 0.0,
+        # fp32 inputs get true fp32 dots: tf32 would be ~1e-3 off, far from PyTorch's fp32 result.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=bool(settings.INTERPRET),
+    )
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    return ptrs, args, batch
+
+
+def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
+                      query_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
+                      layout_tensors=(), layout_block_q=0, layout_block_k=0, deterministic=False, features=None):
+    """Returns out (shape of q, contiguous) and lse: (batch, nheads, seqlen_q), or (nheads, total_q) packed.
+    features: _features() of these arguments, when the caller already has them (the eager path keeps them
+    for the backward)."""
+    varlen = cu_seqlens_q is not None
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    nheads = q.shape[-2]
+    lse_shape = (nheads, q.shape[0]) if varlen else (q.shape[0], nheads, q.shape[1])
+    lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    if k.numel() == 0:  # no keys at all: every row is empty
+        return out.zero_(), lse.fill_(float("inf"))
+    ptrs, args, batch = features or _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              key_padding_mask, alibi_slopes, seed, softmax_scale, window_left,
+                                              window_right, dropout_p)
+    qpm = query_padding_mask
+    (q4, qs), (k4, ks), (v4, vs), (o4, os_) = (_as_4d(t, varlen) for t in (q, k, v, out))
+    layout_kv, _ = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
+    _launch(_attn_fwd, _launch_rows(args["SEQ_Q"], layout_block_q), "BLOCK_M", batch * nheads,
+            Q=q4, K=k4, V=v4, O=o4, LSE=lse, **ptrs, **layout_kv, QPM=qpm if qpm is not None else q,
+            stride_qpm=qpm.stride(0) if qpm is not None else 0, HAS_QPM=qpm is not None,
+            **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_), **args)
+    return out, lse
+
+
+_STRIDE_NAMES = {name: tuple(f"stride_{name}{axis}" for axis in ("b", "m" if name in ("q", "o", "do", "dq") else "n", "h", "d"))
+                 for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
+
+
+def _strides(name, strides):
+    return dict(zip(_STRIDE_NAMES[name], strides))
+
+
+def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
+                       layout_tensors=(), layout_block_q=0, layout_block_k=0, deterministic=False, features=None):
+    """Returns dq, dk, dv (contiguous, in the input dtypes). dlse may be None. features: as in attention_forward.
+    deterministic: never sum dQ with atomics (see settings._ATOMIC_DQ); torch.use_deterministic_algorithms(True) too."""
+    varlen = cu_seqlens_q is not None
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    ptrs, args, batch = features or _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              key_padding_mask, alibi_slopes, seed, softmax_scale, window_left,
+                                              window_right, dropout_p)
+    nheads, nheads_kv = q.shape[-2], k.shape[-2]
+    (q4, qs), (k4, ks), (v4, vs), (o4, os_), (do4, dos) = (_as_4d(t, varlen) for t in (q, k, v, out, dout))
+    (dq4, dqs), (dk4, dks), (dv4, dvs) = (_as_4d(t, varlen) for t in (dq, dk, dv))
+
+    if dlse is not None:
+        dlse = dlse.to(torch.float32).contiguous()
+    scales = dict(sm_scale=softmax_scale)
+    kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
+    layout_kv, layout_q = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    # Atomics only where measured (rows up to 256 bytes: head dim 128 in 16 bits): beyond, the dK/dV kernel's fp32
+    # dQ tile does not fit shared memory next to its other buffers in the first 64 x 64 candidate (Triton 3.6).
+    atomic = not deterministic and q.element_size() * args["BLOCK_D"] <= 256 and (
+        settings._ATOMIC_DQ == "1" or (settings._ATOMIC_DQ == "dropout" and dropout_p > 0.0))
+    # dQ first, which also stores delta for the dK/dV kernel; with atomics only delta, and the dK/dV kernel
+    # adds each key block's dQ into an fp32 buffer that this launch zeroes (the dropout mask is then drawn once)
+    delta = torch.empty_like(lse)
+    if atomic:
+        dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+        dq_acc4, dq_accs = _as_4d(dq_acc, varlen)
+    else:
+        dq_acc4, dq_accs = _no_buffer(q.device), (0, 0, 0, 0)
+    _launch(_attn_bwd_dq, _launch_rows(args["SEQ_Q"], layout_block_q), "BLOCK_M", batch * nheads,
+            Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse, Delta=delta,
+            DQ=dq_acc4 if atomic else dq4, **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
+            DELTA_ONLY=atomic, **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_),
+            **_strides("do", dos), **_strides("dq", dq_accs if atomic else dqs), **scales, **args)
+    _launch(_attn_bwd_dkdv, _launch_rows(args["SEQ_K"], layout_block_k), "BLOCK_N", batch * nheads_kv,
+            Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, DQ=dq_acc4, **kv_ptrs, **layout_q,
+            **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
+            **_strides("dk", dks), **_strides("dv", dvs), **_strides("dq", dq_accs), ATOMIC_DQ=atomic, **scales, **args)
+    if atomic:
+        dq.copy_(dq_acc)
+    return dq, dk, dv
+
+
+_NO_BUFFER = {}
+
+
+def _no_buffer(device):
+    """A one-element fp32 tensor on device, private to this module, for the dK/dV kernel's DQ when it does not
+    accumulate dQ (never read then; the tuner zeroes it)."""
+    buffer = _NO_BUFFER.get(device)
+    if buffer is None:
+        buffer = _NO_BUFFER[device] = torch.zeros(1, device=device, dtype=torch.float32)
+    return buffer
