@@ -44,6 +44,8 @@ def quiet_libraries():
         disable_progress_bars()
     except ImportError:
         pass
+    # PEFT's get_peft_model reads transformers' deprecated `is_gradient_checkpointing` (transformers 5.25 warns).
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # Accelerate's save_state drops GPT-2's tied lm_head.weight (it is wte's) and says so at every checkpoint.
     logging.getLogger("accelerate.utils.other").addFilter(
         lambda record: "Removed shared tensor" not in record.getMessage())
@@ -99,8 +101,9 @@ def setup_model(model, args, tokenizer, lora_task_type, accelerator):
         model.config.use_cache = False
     if args.lora:
         from peft import LoraConfig, get_peft_model
+        # GPT-2's Conv1D stores its weights transposed; saying so up front spares PEFT's warning that it corrected it.
         model = get_peft_model(model, LoraConfig(task_type=lora_task_type, r=args.lora_r, lora_alpha=2 * args.lora_r,
-                                                 lora_dropout=0.0))
+                                                 lora_dropout=0.0, fan_in_fan_out=model.config.model_type == "gpt2"))
         if extended:
             hf_flash.train_positions(model)
         if accelerator.is_main_process:
@@ -109,13 +112,20 @@ def setup_model(model, args, tokenizer, lora_task_type, accelerator):
 
 
 def attention_that_ran(args, device):
-    """What computed attention, in words: on CPU tensors hf_triton falls back to plain PyTorch attention unless
-    Triton's interpreter is on."""
-    if args.attn not in OURS or device.type == "cuda":
+    """What computes attention, in words. For hf_flash's names the answer comes from hf_flash.integration's own test
+    (`_runs_kernels`, the one its attention functions apply on every call), so the summary cannot disagree with what
+    ran: the Triton kernels on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1);
+    otherwise plain PyTorch attention. Its one-time fallback RuntimeWarning is left to the banner."""
+    if args.attn not in OURS:
         return args.attn
-    if bool(hf_flash.kernels.INTERPRET):
-        return f"{args.attn} (Triton kernels in the interpreter, TRITON_INTERPRET=1)"
-    return f"plain PyTorch attention (hf_flash's CPU fallback for {args.attn}; its Triton kernels need a GPU)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        kernels = hf_flash.integration._runs_kernels(device)
+    if kernels:
+        return args.attn if device.type == "cuda" else f"{args.attn} (Triton kernels in the interpreter, " \
+                                                       f"TRITON_INTERPRET=1)"
+    return (f"plain PyTorch attention (hf_flash's {device.type.upper()} fallback for {args.attn}; its Triton kernels "
+            f"need a GPU)")
 
 
 def make_accelerator(args, gpu):

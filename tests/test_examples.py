@@ -79,21 +79,61 @@ def test_classification_learns_the_task_on_the_cpu(tmp_path, capsys):
         assert (model(input_ids=ids).logits.argmax(-1) == labels).float().mean() >= 0.9  # the saved model, too
 
 
+def _count_attention_calls(monkeypatch):
+    """Counts the calls hf_flash.integration makes to the Triton kernels and to its plain-PyTorch fallback."""
+    import hf_flash.integration as integration
+    calls = {"kernels": 0, "fallback": 0}
+
+    def counted(kind, function):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            return function(*args, **kwargs)
+        return call
+
+    for name in ("flash_attn_func", "flash_attn_varlen_func", "block_sparse_attn_func"):
+        monkeypatch.setattr(integration, name, counted("kernels", getattr(integration, name)))
+    for name in ("attention_reference", "varlen_attention_reference"):
+        monkeypatch.setattr(integration, name, counted("fallback", getattr(integration, name)))
+    return calls
+
+
 @pytest.mark.parametrize("script", [finetune_classification, finetune_lm])
-def test_hf_triton_runs_the_kernels_under_the_interpreter(tmp_path, script):
+def test_hf_triton_runs_the_kernels_under_the_interpreter(tmp_path, script, monkeypatch):
+    """The summary names the attention that computed the run: here the Triton kernels (interpreted on a CPU)."""
+    calls = _count_attention_calls(monkeypatch)
     summary, final = run(script, tmp_path, "--attn", "hf_triton", "--steps", "2", "--grad-accum", "2")
+    assert calls["kernels"] > 0 and calls["fallback"] == 0
     assert summary["attn_implementation"] == "hf_triton"
     assert summary["attention_ran"] == ("hf_triton" if torch.cuda.is_available() else
                                         "hf_triton (Triton kernels in the interpreter, TRITON_INTERPRET=1)")
     assert "hf_triton" not in (final / "config.json").read_text()  # loads where hf_flash is not installed
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback: a CPU-only run")
+def test_summary_names_the_cpu_fallback_when_it_ran(tmp_path, monkeypatch, capsys):
+    """The default CPU run (no TRITON_INTERPRET): hf_triton is asked for, plain PyTorch attention computes it, and the
+    banner and the summary say so."""
+    import hf_flash.integration as integration
+    from hf_flash.kernels import settings
+    monkeypatch.setattr(settings, "INTERPRET", False)  # as without TRITON_INTERPRET=1 (integration reads it per call)
+    monkeypatch.setattr(integration, "_warned_fallback", False)
+    calls = _count_attention_calls(monkeypatch)
+    summary, _ = run(finetune_classification, tmp_path, "--attn", "hf_triton", "--steps", "2")
+    assert calls["fallback"] > 0 and calls["kernels"] == 0
+    assert summary["attn_implementation"] == "hf_triton" and summary["device"] == "cpu"
+    assert summary["attention_ran"] == ("plain PyTorch attention (hf_flash's CPU fallback for hf_triton; its Triton "
+                                        "kernels need a GPU)")
+    assert f"Attention: {summary['attention_ran']}." in capsys.readouterr().out
+
+
 def test_attention_that_ran_without_the_interpreter(monkeypatch):
-    import hf_flash
+    from hf_flash.kernels import settings
     args = type("Args", (), {"attn": "hf_triton"})()
-    monkeypatch.setattr(hf_flash.kernels, "INTERPRET", False)
+    monkeypatch.setattr(settings, "INTERPRET", False)
     assert common.attention_that_ran(args, torch.device("cpu")).startswith("plain PyTorch attention")
     assert common.attention_that_ran(args, torch.device("cuda")) == "hf_triton"
+    args.attn = "sdpa"
+    assert common.attention_that_ran(args, torch.device("cpu")) == "sdpa"
 
 
 def test_lm_reports_perplexity_at_every_evaluation_and_chance(tmp_path, capsys):
