@@ -214,8 +214,10 @@ def _classify(mask_mod, candidates, seqlen_q, seqlen_k, block_q, block_k, shared
 
     candidates: bool (B, H, n_q_blocks, n_kv_blocks). Returns (any, all), bool of the same shape,
     both False outside the candidates, and the names among `shared` ("batch", "nheads": dims of size 1) that
-    mask_mod depends on: it is also called with b = 1 (h = 1) on every element, and answers differently. A
-    mask_mod that cannot be called with index 1 (it indexes a tensor of one row) is taken not to depend on it.
+    mask_mod depends on: it is also called with b = -1 (h = -1) on every element, and answers differently. The
+    probe is -1, not 1, because mask_mods index tensors with b and h (document ids of shape (1, seqlen), ...): -1 is
+    in range for any such tensor (its last row, the same row when there is one), where index 1 of a one-row CUDA
+    tensor is a device-side assert that no except can catch, and leaves the process's CUDA context unusable.
     """
     any_attended, all_attended = torch.zeros_like(candidates), torch.zeros_like(candidates)
     probes = {name: axis for axis, name in enumerate(("batch", "nheads")) if name in shared}
@@ -226,7 +228,7 @@ def _classify(mask_mod, candidates, seqlen_q, seqlen_k, block_q, block_k, shared
         all_attended[position] = (attended | ~valid).flatten(1).all(1)
         for name, axis in list(probes.items()):
             moved = chunk.clone()
-            moved[:, axis] = 1
+            moved[:, axis] = -1
             try:
                 (_, other, _), = _tiles(mask_mod, moved, seqlen_q, seqlen_k, block_q, block_k)
             except (IndexError, RuntimeError):
@@ -790,7 +792,7 @@ def from_mask_mod(mask_mod: MaskMod, seqlen_q: int, seqlen_k: int | None = None,
     memory), and with all indices in range. A block is full if mask_mod is True on all its valid
     elements, partial if on some, skipped if on none. b runs over range(batch), h over
     range(nheads): pass batch=1 / nheads=1 when mask_mod does not depend on them (shared layout). A mask_mod that
-    gives b = 1 (h = 1) another mask than b = 0 (h = 0) is recorded in depends_on, and such a layout is refused
+    gives b = -1 (h = -1: the last row of any tensor it indexes) another mask than b = 0 (h = 0) is recorded in depends_on, and such a layout is refused
     for q with more than one batch row (head).
     The layout keeps mask_mod for its partial blocks.
     """
