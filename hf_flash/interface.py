@@ -6,6 +6,7 @@ import math
 import torch
 
 from .kernels import settings as _kernel_settings
+from .kernels.args import AttentionArgs
 from .kernels.dropout import check_dropout_p, draw_dropout_seed
 from .kernels.ops import run_attention
 from .layouts import BlockSparseLayout
@@ -174,9 +175,11 @@ def flash_attn_func(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0,
     key_padding_mask = _check_padding_mask("key_padding_mask", key_padding_mask, batch, k.shape[1], q.device)
     query_padding_mask = _check_padding_mask("query_padding_mask", query_padding_mask, batch, q.shape[1], q.device)
     seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = run_attention(q, k, v, None, None, q.shape[1], k.shape[1], key_padding_mask,
-                             query_padding_mask, alibi_slopes, seed, scale, left, right, float(dropout_p),
-                             [], 0, 0, bool(deterministic))
+    args = AttentionArgs(q.shape[1], k.shape[1], scale, key_padding_mask=key_padding_mask,
+                         query_padding_mask=query_padding_mask, alibi_slopes=alibi_slopes, seed=seed,
+                         window_left=left, window_right=right, dropout_p=float(dropout_p),
+                         deterministic=bool(deterministic))
+    out, lse = run_attention(q, k, v, args)
     return (out, lse) if return_lse else out
 
 
@@ -210,9 +213,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alibi_slopes)
     q, scale = _nonnegative_scale(q, scale)
     seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = run_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None,
-                             None, alibi_slopes, seed, scale, left, right, float(dropout_p), [], 0, 0,
-                             bool(deterministic))
+    args = AttentionArgs(max_seqlen_q, max_seqlen_k, scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                         alibi_slopes=alibi_slopes, seed=seed, window_left=left, window_right=right,
+                         dropout_p=float(dropout_p), deterministic=bool(deterministic))
+    out, lse = run_attention(q, k, v, args)
     return (out, lse) if return_lse else out
 
 
@@ -261,9 +265,10 @@ def block_sparse_attn_func(q, k, v, layout, *, causal=False, softmax_scale=None,
     scale, left, right = _check_options(q, batch, causal, softmax_scale, dropout_p, (-1, -1), None)
     q, scale = _nonnegative_scale(q, scale)
     key_padding_mask = _check_padding_mask("key_padding_mask", key_padding_mask, batch, k.shape[1], q.device)
-    layout_tensors, block_q, block_k = layout.kernel_tensors(causal)
+    kernel_layout, block_q, block_k = layout.kernel_tensors(causal)
     seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = run_attention(q, k, v, None, None, q.shape[1], k.shape[1], key_padding_mask, None, None,
-                             seed, scale, left, right, float(dropout_p), layout_tensors, block_q, block_k,
-                             bool(deterministic))
+    args = AttentionArgs(q.shape[1], k.shape[1], scale, key_padding_mask=key_padding_mask, seed=seed,
+                         window_left=left, window_right=right, dropout_p=float(dropout_p), layout=kernel_layout,
+                         layout_block_q=block_q, layout_block_k=block_k, deterministic=bool(deterministic))
+    out, lse = run_attention(q, k, v, args)
     return (out, lse) if return_lse else out

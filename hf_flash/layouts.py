@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .kernels.args import KernelLayout
+
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 # Elements per mask_mod call when classifying blocks: bounds the memory of the int64 index
@@ -491,13 +493,13 @@ class BlockSparseLayout:
         empty = torch.zeros(0, self.block_q, self.block_k, dtype=torch.bool, device=self.device)
         return tile_index, torch.cat([empty, *tiles])
 
-    def kernel_tensors(self, is_causal: bool = False) -> tuple[list[Tensor], int, int]:
+    def kernel_tensors(self, is_causal: bool = False) -> tuple[KernelLayout, int, int]:
         """What the block-sparse kernels read, built once per `is_causal` and cached on the layout.
 
-        Returns ([kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
-        full_q_num_blocks, full_q_indices, q_order, k_order, q_major, k_major, tile_index, tiles, rule], block_q,
-        block_k) where, unlike the layout's own lists, blocks that are full but cross the causal diagonal (with
-        is_causal) or hold the ragged end of the keys are listed as partial, and blocks wholly above the
+        Returns (KernelLayout(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks,
+        q_indices, full_q_num_blocks, full_q_indices, q_order, k_order, q_major, k_major, tile_index, tiles, rule),
+        block_q, block_k) where, unlike the layout's own lists, blocks that are full but cross the causal diagonal
+        (with is_causal) or hold the ragged end of the keys are listed as partial, and blocks wholly above the
         diagonal are dropped: the kernels mask causality and sequence ends only in partial blocks.
         tile_index (B, H, n_q_blocks, n_kv_blocks) int32 points partial blocks that carry a mask_mod to
         their element mask in tiles (P, block_q, ceil(block_k / 32)) int32, bit j of word w being key
@@ -545,7 +547,7 @@ class BlockSparseLayout:
                 bits = masks.view(*masks.shape[:2], words, 32).to(torch.int64) << torch.arange(32, device=self.device)
                 packed = bits.sum(-1)
                 tiles = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-            tensors = [t.contiguous() for t in (*lists, *orders, *majors, tile_index, tiles, rule)]
+            tensors = KernelLayout(*(t.contiguous() for t in (*lists, *orders, *majors, tile_index, tiles, rule)))
             cache[bool(is_causal)] = (key, (tensors, self.block_q, self.block_k))
         return cache[bool(is_causal)][1]
 

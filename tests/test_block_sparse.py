@@ -126,16 +126,17 @@ def test_kernel_tiles_smaller_than_layout_blocks_in_work_order():
                            [[0, 1, 0], [1, 1, 1], [1, 0, 0]],
                            [[1, 0, 1], [0, 0, 1], [1, 1, 1]]], dtype=torch.bool, device=DEVICE)
     layout = L.from_dense(blocks, sq, sk, bs)
-    tensors = layout.kernel_tensors()[0]
-    kept = [tensors[0] + tensors[2], tensors[4] + tensors[6]]  # kept blocks per query row, per key column
-    for lengths, order, major in zip(kept, tensors[8:10], tensors[10:12]):
+    ly = layout.kernel_tensors()[0]
+    kept = [ly.kv_num_blocks + ly.full_kv_num_blocks, ly.q_num_blocks + ly.full_q_num_blocks]  # per row, per column
+    for lengths, order, major in zip(kept, (ly.q_order, ly.k_order), (ly.q_major, ly.k_major)):
         assert (torch.sort(order, dim=-1).values == torch.arange(order.shape[-1], device=DEVICE)).all()
         assert (lengths.gather(-1, order.long()).diff(dim=-1) <= 0).all()  # longest first
         assert major.item() == 0  # no row over 3x the mean
     check_sparse(*_qkv(1, 4, 2, sq, sk, 16, FP32 if not ON_GPU else BF16), layout)
     # the same with block-major tiles (global tokens: one row and one column are long)
     layout = L.global_tokens(5, sq, sk, 16, device=DEVICE) | L.local(8, sq, sk, 16, device=DEVICE)
-    assert [int(t.item()) for t in layout.kernel_tensors()[0][10:12]] == [1, 1]
+    ly = layout.kernel_tensors()[0]
+    assert (ly.q_major.item(), ly.k_major.item()) == (1, 1)
     check_sparse(*_qkv(1, 4, 2, sq, sk, 16, FP32 if not ON_GPU else BF16), layout)
 
 
@@ -163,8 +164,8 @@ def test_kernel_lists_demote_diagonal_and_ragged_blocks():
     layout = L.local(10, sq, sk, bs) | L.global_tokens(3, sq, sk, bs)
     tensors, block_q, block_k = layout.kernel_tensors(is_causal=True)
     assert layout.kernel_tensors(is_causal=True)[0] is tensors and (block_q, block_k) == (bs, bs)
-    kv_num, kv_idx, full_num, full_idx = tensors[:4]
-    rebuilt = L.BlockSparseLayout.from_block_masks(L._from_csr(full_num, full_idx, 5), L._from_csr(kv_num, kv_idx, 5),
+    full = L._from_csr(tensors.full_kv_num_blocks, tensors.full_kv_indices, 5)
+    rebuilt = L.BlockSparseLayout.from_block_masks(full, L._from_csr(tensors.kv_num_blocks, tensors.kv_indices, 5),
                                                    sq, sk, bs)
     assert torch.equal(rebuilt.to_dense(), layout.to_dense() & L.causal(sq, sk, bs).to_dense())
     full = rebuilt.to_dense("full")
@@ -175,8 +176,9 @@ def test_kernel_lists_demote_diagonal_and_ragged_blocks():
 def test_tiles_hold_the_mask_mod_bits():
     sq, sk, bs = 75, 90, 16
     layout = L.from_mask_mod(lambda b, h, q, kv: (q // 7) % 3 != (kv // 5) % 3, sq, sk, bs)
-    *_, tile_index, tiles, rule = layout.kernel_tensors()[0]
-    assert rule.numel() == 0 and tiles.numel() > 0
+    ly = layout.kernel_tensors()[0]
+    tile_index, tiles = ly.tile_index, ly.tiles
+    assert ly.rule.numel() == 0 and tiles.numel() > 0
     masks = ((tiles[..., None] >> torch.arange(32)) & 1).flatten(-2)[..., :bs].bool()
     elements = layout.to_dense_elements()[0, 0]
     for i, j in (tile_index[0, 0] >= 0).nonzero().tolist():
@@ -205,7 +207,7 @@ def test_element_rules_equal_the_mask_mod_in_partial_blocks(name, sq, sk):
     """The inline rule (what the kernels evaluate instead of tiles) agrees with mask_mod on every partial block."""
     layout = RULE_LAYOUTS[name](sq, sk)
     assert layout.element_rule is not None
-    left, right, n_global = layout.kernel_tensors()[0][-1].tolist()
+    left, right, n_global = layout.kernel_tensors()[0].rule.tolist()
     i, j = torch.arange(sq).view(-1, 1), torch.arange(sk).view(1, -1)
     offset = j - i - (sk - sq)
     rule = ((offset >= -left) & (offset <= right)) | (i < n_global) | (j < n_global)
@@ -262,7 +264,7 @@ def test_rule_trim_drops_exactly_the_wholly_masked_end_tiles(keys):
 
 def test_window_intersected_with_global_tokens_falls_back_to_tiles():
     layout = L.local(9, 70, block_size=16) & L.global_tokens(5, 70, block_size=16)
-    assert layout.element_rule is None and layout.kernel_tensors()[0][-2].numel() > 0
+    assert layout.element_rule is None and layout.kernel_tensors()[0].tiles.numel() > 0
 
 
 def test_bad_arguments():

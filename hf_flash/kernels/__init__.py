@@ -20,6 +20,7 @@ The modules, in the order they build on each other:
     forward        the forward kernel
     backward_dq    the dQ kernel (and delta)
     backward_dkdv  the dK/dV kernel
+    args           AttentionArgs and KernelLayout, the typed records the wrappers hand to the launchers
     launch         kernel arguments, the launch cache, attention_forward / attention_backward
     ops            the custom ops with autograd, and run_attention
 """

@@ -136,23 +136,22 @@ def _key_range(key_padding_mask):
     return torch.stack([torch.minimum(first, last), last], 1).to(torch.int32).contiguous()
 
 
-def _layout_args(q, layout_tensors, layout_block_q, layout_block_k):
+def _layout_args(q, args):
     """Block-sparse arguments: (for the forward and dQ: key blocks of each query block; for dK/dV: query
-    blocks of each key block). layout_tensors is BlockSparseLayout.kernel_tensors()[0], or empty (dense)."""
-    if not layout_tensors:
+    blocks of each key block), from args.layout (a KernelLayout, or None: dense)."""
+    layout = args.layout
+    if layout is None:
         dummy = dict(LY_NUM=q, LY_IDX=q, LY_FULL_NUM=q, LY_FULL_IDX=q, TILE_IDX=q, TILES=q, RULE=q, ORDER=q, MAJOR=q,
                      ly_sb=0, ly_sh=0, SPARSE=False, HAS_TILES=False, HAS_RULE=False, LAYOUT_BQ=0, LAYOUT_BK=0)
         return dummy, dummy
-    (kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, q_order, k_order, q_major,
-     k_major, tile_index, tiles, rule) = layout_tensors
-    batch, heads = kv_num.shape[:2]  # 1 when the layout is shared (broadcast) over that dim
-    common = dict(TILE_IDX=tile_index, TILES=tiles, RULE=rule, ly_sb=heads if batch > 1 else 0,
-                  ly_sh=1 if heads > 1 else 0, SPARSE=True, HAS_TILES=tiles.numel() > 0, HAS_RULE=rule.numel() > 0,
-                  LAYOUT_BQ=layout_block_q, LAYOUT_BK=layout_block_k)
-    return (dict(LY_NUM=kv_num, LY_IDX=kv_idx, LY_FULL_NUM=full_kv_num, LY_FULL_IDX=full_kv_idx, ORDER=q_order,
-                 MAJOR=q_major, **common),
-            dict(LY_NUM=q_num, LY_IDX=q_idx, LY_FULL_NUM=full_q_num, LY_FULL_IDX=full_q_idx, ORDER=k_order,
-                 MAJOR=k_major, **common))
+    batch, heads = layout.kv_num_blocks.shape[:2]  # 1 when the layout is shared (broadcast) over that dim
+    common = dict(TILE_IDX=layout.tile_index, TILES=layout.tiles, RULE=layout.rule, ly_sb=heads if batch > 1 else 0,
+                  ly_sh=1 if heads > 1 else 0, SPARSE=True, HAS_TILES=layout.tiles.numel() > 0,
+                  HAS_RULE=layout.rule.numel() > 0, LAYOUT_BQ=args.layout_block_q, LAYOUT_BK=args.layout_block_k)
+    return (dict(LY_NUM=layout.kv_num_blocks, LY_IDX=layout.kv_indices, LY_FULL_NUM=layout.full_kv_num_blocks,
+                 LY_FULL_IDX=layout.full_kv_indices, ORDER=layout.q_order, MAJOR=layout.q_major, **common),
+            dict(LY_NUM=layout.q_num_blocks, LY_IDX=layout.q_indices, LY_FULL_NUM=layout.full_q_num_blocks,
+                 LY_FULL_IDX=layout.full_q_indices, ORDER=layout.k_order, MAJOR=layout.k_major, **common))
 
 
 def _launch_rows(seqlen, layout_block):
@@ -161,49 +160,46 @@ def _launch_rows(seqlen, layout_block):
     return -(-seqlen // layout_block) * layout_block if layout_block else seqlen
 
 
-def _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, alibi_slopes, seed,
-              softmax_scale, window_left, window_right, dropout_p):
-    """Kernel arguments shared by the forward and both backward kernels."""
-    varlen = cu_seqlens_q is not None
+def _features(q, k, args):
+    """(pointers, other arguments, batch) shared by the forward and both backward kernels, from args (AttentionArgs)."""
+    varlen = args.cu_seqlens_q is not None
     nheads, head_dim = q.shape[-2], q.shape[-1]
-    seq_q = max_seqlen_q if varlen else q.shape[1]
-    seq_k = max_seqlen_k if varlen else k.shape[1]
+    seq_q = args.max_seqlen_q if varlen else q.shape[1]
+    seq_k = args.max_seqlen_k if varlen else k.shape[1]
     dummy = q  # for pointers a disabled feature never reads
-    alibi = alibi_slopes
+    alibi = args.alibi_slopes
     alibi_strides = (0, 0)
     if alibi is not None:
         alibi_strides = (alibi.stride(0), alibi.stride(1)) if alibi.dim() == 2 else (0, alibi.stride(0))
-    kpm = key_padding_mask
+    kpm = args.key_padding_mask
     # lse and delta: (batch, nheads, seqlen_q), or (nheads, total_q) for packed sequences
     lse_strides = (0, q.shape[0]) if varlen else (nheads * seq_q, seq_q)
-    ptrs = dict(CU_Q=cu_seqlens_q if varlen else dummy, CU_K=cu_seqlens_k if varlen else dummy,
+    ptrs = dict(CU_Q=args.cu_seqlens_q if varlen else dummy, CU_K=args.cu_seqlens_k if varlen else dummy,
                 KPM=kpm if kpm is not None else dummy,
                 K_RANGE=_key_range(kpm) if kpm is not None else dummy,
-                ALIBI=alibi if alibi is not None else dummy, SEED=seed if seed is not None else dummy)
-    args = dict(
+                ALIBI=alibi if alibi is not None else dummy, SEED=args.seed if args.seed is not None else dummy)
+    shared = dict(
         stride_lb=lse_strides[0], stride_lh=lse_strides[1], stride_kpm=kpm.stride(0) if kpm is not None else 0,
         stride_ab=alibi_strides[0], stride_ah=alibi_strides[1],
         NHEADS=nheads, GROUP=nheads // k.shape[-2], SEQ_Q=seq_q, SEQ_K=seq_k,
-        qk_scale=softmax_scale * LOG2E.value, win_left=window_left, win_right=window_right,
-        dropout_p=quantised_dropout_p(dropout_p),
+        qk_scale=args.softmax_scale * LOG2E.value, win_left=args.window_left, win_right=args.window_right,
+        dropout_p=quantised_dropout_p(args.dropout_p),
         SEQ_Q_BUCKET=_bucket(seq_q), SEQ_K_BUCKET=_bucket(seq_k),
         HEAD_DIM=head_dim, BLOCK_D=_bucket(head_dim), IS_VARLEN=varlen,
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_KPM=kpm is not None,
-        HAS_ALIBI=alibi is not None, DROPOUT=dropout_p > 0.0,
+        HAS_LEFT=args.window_left >= 0, HAS_RIGHT=args.window_right >= 0, HAS_KPM=kpm is not None,
+        HAS_ALIBI=alibi is not None, DROPOUT=args.dropout_p > 0.0,
         # fp32 inputs get true fp32 dots: tf32 would be ~1e-3 off, far from PyTorch's fp32 result.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=bool(settings.INTERPRET),
     )
-    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
-    return ptrs, args, batch
+    batch = args.cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    return ptrs, shared, batch
 
 
-def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
-                      query_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
-                      layout_tensors=(), layout_block_q=0, layout_block_k=0, deterministic=False, features=None):
+def attention_forward(q, k, v, args, features=None):
     """Returns out (shape of q, contiguous) and lse: (batch, nheads, seqlen_q), or (nheads, total_q) packed.
-    features: _features() of these arguments, when the caller already has them (the eager path keeps them
-    for the backward)."""
-    varlen = cu_seqlens_q is not None
+    args: AttentionArgs. features: _features() of these arguments, when the caller already has them (the eager
+    path keeps them for the backward)."""
+    varlen = args.cu_seqlens_q is not None
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     nheads = q.shape[-2]
     lse_shape = (nheads, q.shape[0]) if varlen else (q.shape[0], nheads, q.shape[1])
@@ -212,16 +208,14 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         return out, lse
     if k.numel() == 0:  # no keys at all: every row is empty
         return out.zero_(), lse.fill_(float("inf"))
-    ptrs, args, batch = features or _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                              key_padding_mask, alibi_slopes, seed, softmax_scale, window_left,
-                                              window_right, dropout_p)
-    qpm = query_padding_mask
+    ptrs, shared, batch = features or _features(q, k, args)
+    qpm = args.query_padding_mask
     (q4, qs), (k4, ks), (v4, vs), (o4, os_) = (_as_4d(t, varlen) for t in (q, k, v, out))
-    layout_kv, _ = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
-    _launch(_attn_fwd, _launch_rows(args["SEQ_Q"], layout_block_q), "BLOCK_M", batch * nheads,
+    layout_kv, _ = _layout_args(q, args)
+    _launch(_attn_fwd, _launch_rows(shared["SEQ_Q"], args.layout_block_q), "BLOCK_M", batch * nheads,
             Q=q4, K=k4, V=v4, O=o4, LSE=lse, **ptrs, **layout_kv, QPM=qpm if qpm is not None else q,
             stride_qpm=qpm.stride(0) if qpm is not None else 0, HAS_QPM=qpm is not None,
-            **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_), **args)
+            **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_), **shared)
     return out, lse
 
 
@@ -233,34 +227,31 @@ def _strides(name, strides):
     return dict(zip(_STRIDE_NAMES[name], strides))
 
 
-def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
-                       layout_tensors=(), layout_block_q=0, layout_block_k=0, deterministic=False, features=None):
-    """Returns dq, dk, dv (contiguous, in the input dtypes). dlse may be None. features: as in attention_forward.
-    deterministic: never sum dQ with atomics (see settings._ATOMIC_DQ); torch.use_deterministic_algorithms(True) too."""
-    varlen = cu_seqlens_q is not None
+def attention_backward(dout, q, k, v, out, lse, dlse, args, features=None):
+    """Returns dq, dk, dv (contiguous, in the input dtypes). dlse may be None. args, features: as in
+    attention_forward. args.deterministic: never sum dQ with atomics (see settings._ATOMIC_DQ);
+    torch.use_deterministic_algorithms(True) too."""
+    varlen = args.cu_seqlens_q is not None
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    ptrs, args, batch = features or _features(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                              key_padding_mask, alibi_slopes, seed, softmax_scale, window_left,
-                                              window_right, dropout_p)
+    ptrs, shared, batch = features or _features(q, k, args)
     nheads, nheads_kv = q.shape[-2], k.shape[-2]
     (q4, qs), (k4, ks), (v4, vs), (o4, os_), (do4, dos) = (_as_4d(t, varlen) for t in (q, k, v, out, dout))
     (dq4, dqs), (dk4, dks), (dv4, dvs) = (_as_4d(t, varlen) for t in (dq, dk, dv))
 
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
-    scales = dict(sm_scale=softmax_scale)
+    scales = dict(sm_scale=args.softmax_scale)
     kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
-    layout_kv, layout_q = _layout_args(q, layout_tensors, layout_block_q, layout_block_k)
-    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    layout_kv, layout_q = _layout_args(q, args)
+    deterministic = args.deterministic or torch.are_deterministic_algorithms_enabled()
     # Atomics only where measured (rows up to 256 bytes: head dim 128 in 16 bits): beyond, the dK/dV kernel's fp32
     # dQ tile does not fit shared memory next to its other buffers in the first 64 x 64 candidate (Triton 3.6).
-    atomic = not deterministic and q.element_size() * args["BLOCK_D"] <= 256 and (
-        settings._ATOMIC_DQ == "1" or (settings._ATOMIC_DQ == "dropout" and dropout_p > 0.0))
+    atomic = not deterministic and q.element_size() * shared["BLOCK_D"] <= 256 and (
+        settings._ATOMIC_DQ == "1" or (settings._ATOMIC_DQ == "dropout" and args.dropout_p > 0.0))
     # dQ first, which also stores delta for the dK/dV kernel; with atomics only delta, and the dK/dV kernel
     # adds each key block's dQ into an fp32 buffer that this launch zeroes (the dropout mask is then drawn once)
     delta = torch.empty_like(lse)
@@ -269,15 +260,16 @@ def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k
         dq_acc4, dq_accs = _as_4d(dq_acc, varlen)
     else:
         dq_acc4, dq_accs = _no_buffer(q.device), (0, 0, 0, 0)
-    _launch(_attn_bwd_dq, _launch_rows(args["SEQ_Q"], layout_block_q), "BLOCK_M", batch * nheads,
+    _launch(_attn_bwd_dq, _launch_rows(shared["SEQ_Q"], args.layout_block_q), "BLOCK_M", batch * nheads,
             Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse, Delta=delta,
             DQ=dq_acc4 if atomic else dq4, **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
             DELTA_ONLY=atomic, **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_),
-            **_strides("do", dos), **_strides("dq", dq_accs if atomic else dqs), **scales, **args)
-    _launch(_attn_bwd_dkdv, _launch_rows(args["SEQ_K"], layout_block_k), "BLOCK_N", batch * nheads_kv,
+            **_strides("do", dos), **_strides("dq", dq_accs if atomic else dqs), **scales, **shared)
+    _launch(_attn_bwd_dkdv, _launch_rows(shared["SEQ_K"], args.layout_block_k), "BLOCK_N", batch * nheads_kv,
             Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, DQ=dq_acc4, **kv_ptrs, **layout_q,
             **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
-            **_strides("dk", dks), **_strides("dv", dvs), **_strides("dq", dq_accs), ATOMIC_DQ=atomic, **scales, **args)
+            **_strides("dk", dks), **_strides("dv", dvs), **_strides("dq", dq_accs), ATOMIC_DQ=atomic, **scales,
+            **shared)
     if atomic:
         dq.copy_(dq_acc)
     return dq, dk, dv

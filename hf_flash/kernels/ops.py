@@ -7,10 +7,43 @@ same forward and backward without the dispatcher's host cost. Either way the bac
 
 import torch
 
+from .args import AttentionArgs, KernelLayout
 from .launch import _features, attention_backward, attention_forward
 
 # Custom ops: opaque to torch.compile (no graph break), with autograd registered, so the same
-# function works eagerly, compiled and under activation checkpointing.
+# function works eagerly, compiled and under activation checkpointing. Their schemas take flat tensors and
+# scalars, so AttentionArgs is flattened into them (_fwd_op_args, _bwd_op_args) and rebuilt inside (_op_args).
+
+def _op_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, query_padding_mask,
+             alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p, layout_tensors, layout_block_q,
+             layout_block_k, deterministic):
+    """The AttentionArgs of the custom ops' flat arguments (layout_tensors: KernelLayout's fields; [] when dense)."""
+    return AttentionArgs(max_seqlen_q, max_seqlen_k, softmax_scale, cu_seqlens_q=cu_seqlens_q,
+                         cu_seqlens_k=cu_seqlens_k, key_padding_mask=key_padding_mask,
+                         query_padding_mask=query_padding_mask, alibi_slopes=alibi_slopes, seed=seed,
+                         window_left=window_left, window_right=window_right, dropout_p=dropout_p,
+                         layout=KernelLayout(*layout_tensors) if layout_tensors else None,
+                         layout_block_q=layout_block_q, layout_block_k=layout_block_k, deterministic=deterministic)
+
+
+def _layout_list(layout):
+    return [] if layout is None else list(layout)
+
+
+def _fwd_op_args(args):
+    """args as attention_fwd_op's arguments after q, k, v."""
+    return (args.cu_seqlens_q, args.cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k, args.key_padding_mask,
+            args.query_padding_mask, args.alibi_slopes, args.seed, args.softmax_scale, args.window_left,
+            args.window_right, args.dropout_p, _layout_list(args.layout), args.layout_block_q, args.layout_block_k,
+            args.deterministic)
+
+
+def _bwd_op_args(args):
+    """args as attention_bwd_op's arguments after dout, q, k, v, out, lse, dlse (no query padding mask)."""
+    return (args.cu_seqlens_q, args.cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k, args.key_padding_mask,
+            args.alibi_slopes, args.seed, args.softmax_scale, args.window_left, args.window_right, args.dropout_p,
+            _layout_list(args.layout), args.layout_block_q, args.layout_block_k, args.deterministic)
+
 
 @torch.library.custom_op("hf_flash::attention_fwd", mutates_args=())
 def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
@@ -19,9 +52,10 @@ def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      alibi_slopes: torch.Tensor | None, seed: torch.Tensor | None, softmax_scale: float,
                      window_left: int, window_right: int, dropout_p: float, layout_tensors: list[torch.Tensor],
                      layout_block_q: int, layout_block_k: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
-                             query_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
-                             layout_tensors, layout_block_q, layout_block_k)
+    return attention_forward(q, k, v, _op_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               key_padding_mask, query_padding_mask, alibi_slopes, seed, softmax_scale,
+                                               window_left, window_right, dropout_p, layout_tensors, layout_block_q,
+                                               layout_block_k, deterministic))
 
 
 @attention_fwd_op.register_fake
@@ -38,9 +72,10 @@ def attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                      seed: torch.Tensor | None, softmax_scale: float, window_left: int, window_right: int,
                      dropout_p: float, layout_tensors: list[torch.Tensor], layout_block_q: int,
                      layout_block_k: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              key_padding_mask, alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
-                              layout_tensors, layout_block_q, layout_block_k, deterministic)
+    return attention_backward(dout, q, k, v, out, lse, dlse,
+                              _op_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, None,
+                                       alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p,
+                                       layout_tensors, layout_block_q, layout_block_k, deterministic))
 
 
 @attention_bwd_op.register_fake
@@ -48,34 +83,35 @@ def _(dout, q, k, v, *args):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output):
-    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, _query_padding_mask,
-     alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p, layout_tensors, layout_block_q,
-     layout_block_k, deterministic) = inputs
-    out, lse = output
+def _save(ctx, q, k, v, out, lse, args):
+    """Keeps what the backward needs: the tensors through save_for_backward, the rest of args on ctx."""
     # Padding queries need nothing here: their lse is +inf, so the backward gives them zero gradient.
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed,
-                          *layout_tensors)
-    ctx.config = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p,
-                  layout_block_q, layout_block_k, deterministic)
-    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(q, k, v, out, lse, args.cu_seqlens_q, args.cu_seqlens_k, args.key_padding_mask,
+                          args.alibi_slopes, args.seed, *_layout_list(args.layout))
+    ctx.args = args._replace(cu_seqlens_q=None, cu_seqlens_k=None, key_padding_mask=None, query_padding_mask=None,
+                             alibi_slopes=None, seed=None, layout=None)
 
 
-def _backward(ctx, dout, dlse, backward_fn=attention_bwd_op, **extra):
+def _saved(ctx):
+    """(q, k, v, out, lse, args) as _save kept them."""
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_padding_mask, alibi_slopes, seed, *layout = ctx.saved_tensors
-    (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p, layout_block_q, layout_block_k,
-     deterministic) = ctx.config
-    if dout is None:  # only the lse was used (the eager path does not materialise zero gradients)
+    args = ctx.args._replace(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, key_padding_mask=key_padding_mask,
+                             alibi_slopes=alibi_slopes, seed=seed, layout=KernelLayout(*layout) if layout else None)
+    return q, k, v, out, lse, args
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *flat = inputs
+    _save(ctx, q, k, v, *output, _op_args(*flat))
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, args = _saved(ctx)
+    if dout is None:  # only the lse was used
         dout = torch.zeros_like(out)
-    dq, dk, dv = backward_fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, key_padding_mask, alibi_slopes, seed, softmax_scale,
-                             window_left, window_right, dropout_p, layout,
-                             layout_block_q, layout_block_k, deterministic, **extra)
+    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, dlse, *_bwd_op_args(args))
     # Inputs after q, k, v get no gradient; the custom op wants the layout list's as a list of the same length.
-    grads = [None] * (ctx.n_inputs - 3)
-    if backward_fn is attention_bwd_op:
-        grads[-4] = [None] * len(layout)
-    return dq, dk, dv, *grads
+    return dq, dk, dv, *([None] * len(a) if isinstance(a, list) else None for a in _fwd_op_args(args))
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -84,26 +120,25 @@ attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerAttention(torch.autograd.Function):
     """The same forward/backward without the custom-op dispatcher, which costs ~100 us of host time
     per call in eager mode (more than the kernels themselves at short lengths). The arguments after
-    q, k, v come as one tuple: apply() inspects each argument it is given, ~1 us apiece. The kernel
+    q, k, v come as one AttentionArgs: apply() inspects each argument it is given, ~1 us apiece. The kernel
     arguments derived from the inputs (_features) are computed once and reused by the backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rest):
+    def forward(ctx, q, k, v, args):
         # An unused lse gets dlse = None instead of a tensor of zeros: no fill kernel, no dlse read.
         ctx.set_materialize_grads(False)
-        # rest: cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, (query_padding_mask,)
-        # alibi_slopes, seed, softmax_scale, window_left, window_right, dropout_p, (layout...)
-        ctx.features = _features(q, k, *rest[:5], *rest[6:12]) if q.numel() and k.numel() else None
-        inputs = (q, k, v, *rest)
-        out, lse = attention_forward(*inputs, features=ctx.features)
-        _setup_context(ctx, inputs, (out, lse))
+        ctx.features = _features(q, k, args) if q.numel() and k.numel() else None
+        out, lse = attention_forward(q, k, v, args, features=ctx.features)
+        _save(ctx, q, k, v, out, lse, args)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        dq, dk, dv, *_ = _backward(ctx, dout, dlse, backward_fn=attention_backward, features=ctx.features)
+        q, k, v, out, lse, args = _saved(ctx)
+        if dout is None:  # only the lse was used (set_materialize_grads(False))
+            dout = torch.zeros_like(out)
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, dlse, args, features=ctx.features)
         if torch.is_grad_enabled():  # create_graph=True: the gradients must not pass for differentiable ones
-            q, k, v = ctx.saved_tensors[:3]
             dq, dk, dv = _FirstOrderOnly.apply(dq, dk, dv, q, k, v, dout, dlse)
         return dq, dk, dv, None
 
@@ -129,12 +164,9 @@ class _FirstOrderOnly(torch.autograd.Function):
             "that loss.")
 
 
-def run_attention(*inputs):
-    """(out, lse) = run_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-    key_padding_mask, query_padding_mask, alibi_slopes, seed, softmax_scale, window_left,
-    window_right, dropout_p, layout_tensors, layout_block_q, layout_block_k, deterministic): the custom op under
-    torch.compile, a plain autograd.Function eagerly. layout_tensors is [] for dense attention."""
+def run_attention(q, k, v, args):
+    """(out, lse) = run_attention(q, k, v, args: AttentionArgs): the custom op under torch.compile, a plain
+    autograd.Function eagerly."""
     if torch.compiler.is_compiling():
-        return attention_fwd_op(*inputs)
-    q, k, v, *rest = inputs
-    return _EagerAttention.apply(q, k, v, rest)
+        return attention_fwd_op(q, k, v, *_fwd_op_args(args))
+    return _EagerAttention.apply(q, k, v, args)
