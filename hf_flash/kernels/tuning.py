@@ -53,10 +53,9 @@ _FWD_CONFIGS = _configs([
     (64, 128, 4, 3),  # GPT-2 small's 4K step (B2 H12 d64 causal, dropout): 4% faster than any other (H200)
 ]) + _configs([(64, 64, 4, 3)], maxnreg=128)
 # The capped tile is a candidate only with dropout at head dims 33-64 in fp16/bf16 (BLOCK_D 64). There the mask's
-# work takes the 64 x 64 tile from 128 to 136 registers per thread (149 before _drop_pairs and the mul.wide Philox),
-# so 3 programs fit an SM instead of 4; capped at 128 it keeps 4 and does not spill (Triton 3.6, sm_90; H200 d64 4K
-# forward with dropout, before those two: 1.854 / 1.014 ms against 1.910 / 1.047 uncapped, full / causal; after
-# them the tuner chose it for 1 of 8 d64 rows in two runs of bench_dropout_cost.py).
+# work takes the 64 x 64 tile to 136 registers per thread, so 3 programs fit an SM instead of 4; capped at 128 it
+# keeps 4 and does not spill (Triton 3.6, sm_90). Whether that wins depends on the shape: the tuner chose it for
+# 1 of 8 d64 rows of benchmarks/bench_dropout_cost.py on the H200 (docs/design.md, section 5).
 _BWD_DKDV_TILES = [  # BLOCK_M walks queries, BLOCK_N is the resident K/V tile; QK_ROWS: see _bwd_dkdv_inner
     (32, 128, 4, 3, False), (64, 128, 8, 3, False), (32, 64, 4, 3, False), (64, 64, 4, 2, False),
     (16, 64, 4, 2, False), (32, 32, 8, 2, False),
