@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, _block_start, _cast, _load_rows, _mm, _n_tiles, _pin_fp32, _seq_bounds, _sparse_tile, _tile
-from .tuning import _BWD_DKDV_CONFIGS, _PRUNE, _TUNE_KEY, _time_config
+from .choices import autotune
+from .tuning import _BWD_DKDV_CONFIGS, _TUNE_KEY
 from .dropout import _dropout_keep, _dropout_keep_t, _dropout_seed
 from .masking import _alibi, _alibi_slope2, _keep, _query_blocks, _rule_trim
 
@@ -111,8 +112,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
 
 
 # ATOMIC_DQ adds a matmul and atomics: tuned apart, and tuning runs' sums into DQ are reset before the real launch
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY + ["ATOMIC_DQ"], prune_configs_by=_PRUNE,
-                 do_bench=_time_config, reset_to_zero=["DQ"])
+@autotune(_BWD_DKDV_CONFIGS, _TUNE_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ"])
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_Q, CU_K, KPM, ALIBI, SEED,
                    LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ORDER, MAJOR, ly_sb, ly_sh,

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, _block_start, _cast, _load_rows, _mm, _n_tiles, _seq_bounds, _sparse_tile, _tile
-from .tuning import _BWD_DQ_CONFIGS, _PRUNE, _TUNE_KEY, _time_config
+from .choices import autotune
+from .tuning import _BWD_DQ_CONFIGS, _TUNE_KEY
 from .dropout import _dropout_keep, _dropout_seed
 from .masking import _alibi, _alibi_slope2, _keep, _key_blocks, _rule_trim
 
@@ -59,8 +60,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
     return dq
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY + ["DELTA_ONLY"], prune_configs_by=_PRUNE,
-                 do_bench=_time_config)
+@autotune(_BWD_DQ_CONFIGS, _TUNE_KEY + ["DELTA_ONLY"])
 @triton.jit
 def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, Delta, DQ, CU_Q, CU_K, KPM, K_RANGE, ALIBI, SEED,
                  LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ORDER, MAJOR, ly_sb, ly_sh,

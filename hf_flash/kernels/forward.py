@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 
 from .common import _block_start, _cast, _load_rows, _mm, _n_tiles, _pin_fp32, _seq_bounds, _sparse_tile, _tile
-from .tuning import _FWD_CONFIGS, _PRUNE, _TUNE_KEY, _time_config
+from .choices import autotune
+from .tuning import _FWD_CONFIGS, _TUNE_KEY
 from .dropout import _drop_pairs, _dropout_keep, _dropout_seed, _keep_threshold, _pair_words
 from .masking import _alibi, _alibi_slope2, _keep, _key_blocks, _rule_trim
 
@@ -69,7 +70,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE, do_bench=_time_config)
+@autotune(_FWD_CONFIGS, _TUNE_KEY)
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KPM, K_RANGE, QPM, ALIBI, SEED,
               LY_NUM, LY_IDX, LY_FULL_NUM, LY_FULL_IDX, TILE_IDX, TILES, RULE, ORDER, MAJOR, ly_sb, ly_sh,

@@ -15,7 +15,7 @@ import operator
 import torch
 import triton
 
-from . import settings
+from . import choices, settings
 from .backward_dkdv import _attn_bwd_dkdv
 from .backward_dq import _attn_bwd_dq
 from .common import LOG2E
@@ -64,13 +64,16 @@ def _launch(kernel, rows, block, programs, **kwargs):
         return
     grid = lambda cfg: (triton.cdiv(rows, cfg[block]) * programs,)
     tune_key = (kernel, kwargs["Q"].dtype, *(kwargs[name] for name in kernel.keys))
-    config = _CHOSEN.get(tune_key)
-    if config is None:
-        compiled = kernel[grid](**kwargs)
-        config = kernel.best_config
-        _CHOSEN[tune_key] = config
-    else:
-        compiled = kernel.fn.run(grid=grid, warmup=False, **kwargs, **config.all_kwargs())
+    config, compiled = _CHOSEN.get(tune_key), None
+    with choices.CompileNotice(lambda: choices.describe_call(kernel, kwargs)):
+        if config is None and settings.AUTOTUNE and not settings.INTERPRET:
+            choices.announce_search()
+            compiled = kernel[grid](**kwargs)  # times the candidates, or reads the choice a search saved
+            config = _CHOSEN[tune_key] = kernel.best_config
+        elif config is None:
+            config = _CHOSEN[tune_key] = choices.choose(kernel, kwargs)
+        if compiled is None:
+            compiled = kernel.fn.run(grid=grid, warmup=False, **kwargs, **config.all_kwargs())
     if not settings.INTERPRET:  # the interpreter has no compiled kernel
         if len(_COMPILED) > 4096:  # many distinct lengths (e.g. padded to the batch's longest): start over
             _COMPILED.clear()

@@ -9,8 +9,8 @@ import os
 
 import triton.language as tl
 
-# HF_FLASH_AUTOTUNE=0 skips the config search and takes the first config that fits: no tuning
-# time on the first call of each shape bucket, at some cost in speed (the test suite uses it).
+# HF_FLASH_AUTOTUNE (default 1): time the candidate tiles for each new tuning key, the choice saved on disk for later
+# processes; 0: time nothing, take the shipped or rule-picked config (choices.py; the test suite runs so).
 AUTOTUNE = os.environ.get("HF_FLASH_AUTOTUNE", "1") not in ("", "0")
 # The backward's dQ: "dropout" (default) sums it in the dK/dV kernel with fp32 atomics when dropout is on, so the
 # keep mask is drawn once instead of twice, as in FlashAttention-2 (H200, p = 0.1: 5-11% faster backward; without
