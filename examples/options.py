@@ -138,6 +138,7 @@ def resolve_defaults(args, script_name, defaults, lr_for):
     GPU is used. `lr_for(args)` gives the default learning rate once the model is known."""
     import torch
     gpu = torch.cuda.is_available()
+    shape_flags = [name for name in ("hidden_size", "layers", "heads") if getattr(args, name, None) is not None]
     for name, value in defaults["gpu" if gpu else "cpu"].items():
         if getattr(args, name, None) is None and not (name == "steps" and args.epochs is not None):
             setattr(args, name, value)
@@ -145,6 +146,10 @@ def resolve_defaults(args, script_name, defaults, lr_for):
         fail("--epochs and --steps: give one of them, not both")
     if args.model == BUILTIN:
         args.model = None
+    elif shape_flags:  # a pretrained model has its own shape: the flag would be silently ignored
+        flag = shape_flags[0]
+        fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} is for --model {BUILTIN} (the small config trained "
+             f"from scratch); --model {args.model} has its own")
     if args.lr is None:
         args.lr = lr_for(args)
     if args.output_dir is None:

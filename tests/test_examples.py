@@ -25,7 +25,7 @@ import finetune_classification  # noqa: E402
 import finetune_lm  # noqa: E402
 import options  # noqa: E402
 
-TINY = ["--max-length", "64", "--hidden-size", "32", "--layers", "2", "--heads", "2", "--batch-size", "2",
+TINY = ["--model", "builtin", "--max-length", "64", "--hidden-size", "32", "--layers", "2", "--heads", "2", "--batch-size", "2",
         "--eval-size", "4", "--train-size", "16"]
 
 
@@ -197,7 +197,7 @@ def test_lora_learns_positions_past_the_pretrained_table_and_reloads(tmp_path):
     from transformers import AutoModelForSequenceClassification
     out = tmp_path / "run"
     summary = finetune_classification.main(["--model", _local_bert(), "--attn", "sdpa", "--max-length", "1024",
-                                            "--lora", "--steps", "2", "--batch-size", "1", "--train-size", "2",
+                                            "--lora", "--steps", "2", "--batch-size", "1", "--train-size", "2", "--baseline-length", "0",
                                             "--eval-size", "1", "--lr", "1e-2", "--save-every", "1",
                                             "--output-dir", str(out)])
     assert summary["steps"] == 2
@@ -322,6 +322,8 @@ BAD_FLAGS = {
     "small train set": (["--train-size", "4", "--batch-size", "8"],
                         r"--train-size 4: 4 training examples, fewer than one batch \(--batch-size 8\)"),
     "heads": (["--heads", "3"], r"--heads 3 must divide --hidden-size 32"),
+    "shape of a pretrained model": (["--model", "bert-base-uncased"],
+                                    r"--hidden-size 32 is for --model builtin .*--model bert-base-uncased has its own"),
     "resume nothing": (["--resume"], r"--resume: no complete checkpoint in --output-dir"),
     "steps and epochs": (["--steps", "3", "--epochs", "1"], r"--epochs and --steps: give one of them"),
 }
