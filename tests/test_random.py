@@ -13,9 +13,10 @@ kernels.dropout.dropout_mask), kept values scaled by 1 / kernels.dropout.kept_pr
 Budget: derandomized (the same examples on every run), no example database. HF_FLASH_HYPOTHESIS_EXAMPLES is
 the number of examples over all the randomized tests (default CI_EXAMPLES, about a minute under the CPU
 interpreter); on a GPU, e.g.
-    HF_FLASH_HYPOTHESIS_EXAMPLES=2000 python -m pytest -q tests/test_random.py -n 9
-There the lengths go up to a few hundred tokens and head dims come from a list, to bound how many kernel
-specialisations Triton compiles. HF_FLASH_HYPOTHESIS_SHRINK=1 minimises a failure before reporting it.
+    HF_FLASH_AUTOTUNE=0 HF_FLASH_HYPOTHESIS_EXAMPLES=2000 python -m pytest -q tests/test_random.py -n 15 --dist worksteal
+There the lengths go up to a few hundred tokens and head dims come from three lists (one test item each), to
+bound how many kernel specialisations Triton compiles; HF_FLASH_AUTOTUNE=0 compiles one tile configuration per
+specialisation instead of timing every candidate. HF_FLASH_HYPOTHESIS_SHRINK=1 minimises a failure before reporting it.
 
 Failures found are kept as explicit cases in REGRESSIONS (test_regression), each with the figures seen.
 """
@@ -49,16 +50,18 @@ EXAMPLES = int(os.environ.get("HF_FLASH_HYPOTHESIS_EXAMPLES", CI_EXAMPLES))
 # Shrinking a failure re-runs the kernels hundreds of times (up to hypothesis's 5-minute cap under the
 # interpreter), so CI reports the failing example as drawn; HF_FLASH_HYPOTHESIS_SHRINK=1 minimises it.
 SHRINK = os.environ.get("HF_FLASH_HYPOTHESIS_SHRINK", "0") not in ("", "0")
-# Share of the examples per API; each is split evenly over the three dtypes (one test item per dtype, so
-# pytest-xdist runs them side by side).
+# Share of the examples per API; each is split evenly over its test items (three dtypes times the head-dim
+# groups below), which pytest-xdist runs side by side.
 SHARE = {"dense": 0.5, "varlen": 0.25, "sparse": 0.25}
 
 
 def _settings(api):
     """One profile per API: derandomized, no database written into the repo, no deadline (the interpreter and
-    first-call compiles are slow), and this API's share of the budget."""
+    first-call compiles are slow), and this API's share of the budget, split over its test items (dtypes times
+    head-dim groups)."""
     name = f"hf_flash-random-{api}"
-    settings.register_profile(name, max_examples=max(1, math.ceil(EXAMPLES * SHARE[api] / 3)), derandomize=True,
+    items = 3 * len(HEAD_DIM_GROUPS)
+    settings.register_profile(name, max_examples=max(1, math.ceil(EXAMPLES * SHARE[api] / items)), derandomize=True,
                               database=None, deadline=None, print_blob=True,
                               phases=[p for p in Phase if SHRINK or p not in (Phase.shrink, Phase.explain)],
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -72,12 +75,14 @@ def _settings(api):
 if ON_GPU:
     MAX_SEQLEN, MAX_BATCH, MAX_KV_HEADS, MAX_GROUP = 400, 3, 3, 4
     SEQLEN_EDGES = (0, 1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257)
-    HEAD_DIMS = st.sampled_from((1, 8, 16, 24, 32, 40, 59, 64, 80, 96, 128, 160, 192, 256))
+    # Three groups, one test item each (per API and dtype): 27 items keep 15 xdist workers busy, and each worker
+    # compiles one group's head dims.
+    HEAD_DIM_GROUPS = {"d1-59": (1, 16, 40, 59), "d8-96": (8, 24, 64, 96, 192), "d32-256": (32, 80, 128, 160, 256)}
     BLOCK_SIZES = (16, 32, 64, 128, (64, 128), (128, 32))
 else:
     MAX_SEQLEN, MAX_BATCH, MAX_KV_HEADS, MAX_GROUP = 70, 2, 2, 2
     SEQLEN_EDGES = (0, 1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65)
-    HEAD_DIMS = st.one_of(st.sampled_from((1, 2, 16, 17, 32, 33, 64, 65, 128, 129, 256)), st.integers(1, 256))
+    HEAD_DIM_GROUPS = {"d1-256": None}  # None: the edges above and any dim in 1..256
     BLOCK_SIZES = (16, 32, 64, (16, 32), (32, 16))
 
 
@@ -441,11 +446,13 @@ def score_ranges(draw, headdim):
 
 
 @st.composite
-def common(draw, dtype, batch):
-    """The fields every API draws: heads (GQA), head dim, score range, dropout, strides, seed."""
+def common(draw, dtype, dims, batch):
+    """The fields every API draws: heads (GQA), head dim (from `dims`, a HEAD_DIM_GROUPS value), score range,
+    dropout, strides, seed."""
     nheads_kv = draw(st.integers(1, MAX_KV_HEADS))
     nheads = nheads_kv * draw(st.integers(1, MAX_GROUP))
-    headdim = draw(HEAD_DIMS)
+    headdim = draw(st.sampled_from(dims) if dims else
+                   st.one_of(st.sampled_from((1, 2, 16, 17, 32, 33, 64, 65, 128, 129, 256)), st.integers(1, 256)))
     scale, scores, size, dead = draw(score_ranges(headdim))
     dropout_p = draw(DROPOUT_P)
     return dict(dtype=dtype, batch=batch, nheads=nheads, nheads_kv=nheads_kv, headdim=headdim, softmax_scale=scale,
@@ -460,18 +467,18 @@ def alibis():
 
 
 @st.composite
-def dense_cases(draw, dtype):
+def dense_cases(draw, dtype, dims):
     batch = draw(st.integers(1, MAX_BATCH))
     seqlen_q, seqlen_k = draw(seqlens()), draw(seqlens())
     alibi = draw(alibis())
     return Case(api="dense", seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=draw(st.booleans()),
                 window=draw(windows(seqlen_q, seqlen_k)), alibi=alibi and alibi[0],
                 alibi_range=alibi[1] if alibi else (0.0, 0.3), key_padding=draw(paddings(batch, seqlen_k)),
-                query_padding=draw(paddings(batch, seqlen_q)), **draw(common(dtype, batch)))
+                query_padding=draw(paddings(batch, seqlen_q)), **draw(common(dtype, dims, batch)))
 
 
 @st.composite
-def varlen_cases(draw, dtype):
+def varlen_cases(draw, dtype, dims):
     """Packed sequences, lengths 0 and 1 included, and max_seqlen sometimes above the longest one."""
     lens_q = tuple(draw(st.lists(seqlens(), min_size=1, max_size=4)))
     lens_k = tuple(draw(st.one_of(st.just(list(lens_q)),
@@ -481,7 +488,7 @@ def varlen_cases(draw, dtype):
     alibi = draw(alibis())
     return Case(api="varlen", seqlen_q=seqlen_q, seqlen_k=seqlen_k, lens_q=lens_q, lens_k=lens_k,
                 causal=draw(st.booleans()), window=draw(windows(max(lens_q), max(lens_k))), alibi=alibi and alibi[0],
-                alibi_range=alibi[1] if alibi else (0.0, 0.3), **draw(common(dtype, len(lens_q))))
+                alibi_range=alibi[1] if alibi else (0.0, 0.3), **draw(common(dtype, dims, len(lens_q))))
 
 
 def layout_specs(seqlen):
@@ -501,38 +508,42 @@ def layout_specs(seqlen):
 
 
 @st.composite
-def sparse_cases(draw, dtype):
+def sparse_cases(draw, dtype, dims):
     batch = draw(st.integers(1, MAX_BATCH))
     seqlen_q, seqlen_k = draw(seqlens(min_value=1)), draw(seqlens(min_value=1))  # a layout needs a token
     return Case(api="sparse", seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=draw(st.booleans()),
                 key_padding=draw(paddings(batch, seqlen_k)), layout=draw(layout_specs(max(seqlen_q, seqlen_k))),
-                block_size=draw(st.sampled_from(BLOCK_SIZES)), **draw(common(dtype, batch)))
+                block_size=draw(st.sampled_from(BLOCK_SIZES)), **draw(common(dtype, dims, batch)))
 
 
 # --- the randomized tests -------------------------------------------------------------------------
 
 DTYPES = pytest.mark.parametrize("dtype", [FP16, BF16, FP32], ids=DTYPE_NAME.get)
+DIMS = pytest.mark.parametrize("dims", list(HEAD_DIM_GROUPS.values()), ids=list(HEAD_DIM_GROUPS))
 
 
 @DTYPES
+@DIMS
 @_settings("dense")
 @given(data=st.data())
-def test_dense(dtype, data):
-    check_case(data.draw(dense_cases(dtype), label="case"))
+def test_dense(dtype, dims, data):
+    check_case(data.draw(dense_cases(dtype, dims), label="case"))
 
 
 @DTYPES
+@DIMS
 @_settings("varlen")
 @given(data=st.data())
-def test_varlen(dtype, data):
-    check_case(data.draw(varlen_cases(dtype), label="case"))
+def test_varlen(dtype, dims, data):
+    check_case(data.draw(varlen_cases(dtype, dims), label="case"))
 
 
 @DTYPES
+@DIMS
 @_settings("sparse")
 @given(data=st.data())
-def test_block_sparse(dtype, data):
-    check_case(data.draw(sparse_cases(dtype), label="case"))
+def test_block_sparse(dtype, dims, data):
+    check_case(data.draw(sparse_cases(dtype, dims), label="case"))
 
 
 # --- failures found, kept as explicit cases -------------------------------------------------------
