@@ -601,6 +601,13 @@ class BlockSparseLayout:
                                                   self.block_q, self.block_k)
         kept = kept & ~(both_partial & ~any_attended)
         full = full | all_attended
+        if union and rule is not None and (self.mask_mod is None) != (other.mask_mod is None):
+            # The plain side's blocks are full in the union, but kernel_tensors makes the last key column partial
+            # when seqlen_k is ragged, and the kernels apply the rule inside partial blocks: where the plain side
+            # keeps such a block the rule would hide keys it attends. Tiles from mask_mod describe it exactly.
+            plain_kept = kept_a if self.mask_mod is None else kept_b
+            if self.seqlen_k % self.block_k and plain_kept[..., -1].any():
+                rule = None
         return BlockSparseLayout.from_block_masks(full, kept, self.seqlen_q, self.seqlen_k, self.block_size, mask_mod,
                                                   rule, tuple(sorted({*self.depends_on, *other.depends_on})))
 

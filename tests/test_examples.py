@@ -201,14 +201,16 @@ def test_lora_learns_positions_past_the_pretrained_table_and_reloads(tmp_path):
                                             "--eval-size", "1", "--lr", "1e-2", "--save-every", "1",
                                             "--output-dir", str(out)])
     assert summary["steps"] == 2
-    original = AutoModelForSequenceClassification.from_pretrained(_local_bert())
+    # fp32 as the run trains (the checkpoint may be stored in half precision, which from_pretrained would keep)
+    original = AutoModelForSequenceClassification.from_pretrained(_local_bert(), dtype=torch.float32)
     old = original.bert.embeddings.position_embeddings.weight.detach()
     merged = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
     rows = merged.bert.embeddings.position_embeddings.weight.detach()
     assert rows.shape[0] == 1024 and not torch.equal(rows[512:], old)  # "copy" init started them equal to old
     assert (rows[512:] - old).abs().sum(dim=1).gt(0).float().mean() > 0.9
 
-    base = hf_flash.patch(AutoModelForSequenceClassification.from_pretrained(_local_bert()), max_positions=1024)
+    base = hf_flash.patch(AutoModelForSequenceClassification.from_pretrained(_local_bert(), dtype=torch.float32),
+                          max_positions=1024)
     base.set_attn_implementation("sdpa")  # hf_triton would run the interpreter here (conftest): slow at 1024
     reloaded = PeftModel.from_pretrained(base, out / "final" / "adapter").eval()
     ids = torch.randint(1000, 2000, (1, 1024))

@@ -87,7 +87,7 @@ def check_csr(layout):
     B, H, nq, nk = layout.shape
     dense = {}
     for prefix, rows, cols in (("kv", nq, nk), ("full_kv", nq, nk), ("q", nk, nq), ("full_q", nk, nq)):
-        num, indices = getattr(layout, f"{prefix}_num_blocks"), getattr(layout, f"{prefix}_indices")
+        num, indices = getattr(layout, f"{prefix}_num_blocks").cpu(), getattr(layout, f"{prefix}_indices").cpu()
         assert num.dtype == indices.dtype == torch.int32
         assert tuple(num.shape) == (B, H, rows) and tuple(indices.shape) == (B, H, rows, cols)
         assert torch.equal(indices.sort(-1).values, torch.arange(cols, dtype=torch.int32).expand_as(indices))
@@ -100,16 +100,16 @@ def check_csr(layout):
     assert not (dense["kv"] & dense["full_kv"]).any(), "a block is both partial and full"
     assert torch.equal(dense["q"], dense["kv"].transpose(-1, -2))
     assert torch.equal(dense["full_q"], dense["full_kv"].transpose(-1, -2))
-    assert torch.equal(layout.to_dense("partial"), dense["kv"])
-    assert torch.equal(layout.to_dense("full"), dense["full_kv"])
-    assert torch.equal(layout.to_dense(), dense["kv"] | dense["full_kv"])
+    assert torch.equal(layout.to_dense("partial").cpu(), dense["kv"])
+    assert torch.equal(layout.to_dense("full").cpu(), dense["full_kv"])
+    assert torch.equal(layout.to_dense().cpu(), dense["kv"] | dense["full_kv"])
 
 
 def check_against(layout, elements):
     """layout (B, H) against a brute-force element mask (B, H, sq, sk) or (sq, sk)."""
     check_csr(layout)
     elements = elements.expand(*layout.shape[:2], *elements.shape[-2:])
-    assert torch.equal(layout.to_dense_elements(), elements)
+    assert torch.equal(layout.to_dense_elements().cpu(), elements.cpu())
     kept_and_full = [[brute_classes(elements[b, h], layout.block_size) for h in range(elements.shape[1])]
                      for b in range(elements.shape[0])]
     kept = torch.stack([torch.stack([k for k, _ in row]) for row in kept_and_full])

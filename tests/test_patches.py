@@ -145,7 +145,7 @@ def test_lora_trains_saves_and_reloads_the_new_positions(order, tmp_path):
     assert torch.equal(model.get_base_model().bert.encoder.layer[0].intermediate.dense.weight, frozen)
 
     model.save_pretrained(tmp_path / "adapter")
-    fresh = hf_flash.patch(BertForMaskedLM.from_pretrained(tmp_path / "base"), max_positions=NEW)
+    fresh = hf_flash.patch(BertForMaskedLM.from_pretrained(tmp_path / "base").to(DEVICE), max_positions=NEW)
     reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     x = tokens(2 * OLD)
     with torch.no_grad():
