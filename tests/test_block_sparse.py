@@ -90,6 +90,24 @@ def test_combined_with_causal_padding_dropout(extra):
     check_sparse(*_qkv(b, h, hk, sq, sk, d, dtype), layout, **extra)
 
 
+@pytest.mark.parametrize("dq", ["atomic", "kernel"])
+@pytest.mark.parametrize("dtype", [FP16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("block_size", [16, 32, (128, 32)], ids=str)
+def test_dropout_with_key_padding_at_small_layout_blocks(block_size, dtype, dq, monkeypatch):
+    """Layout blocks of 16 or 32 keys make every kernel draw the dropout mask in 16- or 32-key tiles (_dropout_keep's
+    small-tile paths), which the dense kernels' tiles never use; with key padding, full blocks are masked too. On
+    the H200 the 16-key path gave fp16/bf16 outputs off by their own size there (tests/test_random.py,
+    GPU_REGRESSIONS) while the interpreter was right. The dQ both summed with atomics and from its own kernel."""
+    if not ON_GPU and block_size == (128, 32):
+        pytest.skip("CPU interpreter (slow): the 16- and 32-key tiles are the point")
+    monkeypatch.setattr(kernels.settings, "_ATOMIC_DQ", "dropout" if dq == "atomic" else "0")
+    fresh_tuning(monkeypatch)
+    b, h, hk, sq, sk, d = _pick([(1, 2, 1, 40, 70, 24)], [(2, 3, 3, 300, 333, 64)])[0]
+    layout = L.local(24, sq, sk, block_size, device=DEVICE) | L.global_tokens(5, sq, sk, block_size, device=DEVICE)
+    check_sparse(*_qkv(b, h, hk, sq, sk, d, dtype), layout, dropout_p=0.4, lse_grad=True,
+                 key_padding_mask=_padding_mask(b, sk, "random"))
+
+
 @pytest.mark.parametrize("rows", ["0", "1"])
 def test_atomic_dq(rows, monkeypatch):
     """kernels.settings._ATOMIC_DQ: the block-sparse dK/dV kernel sums dQ with atomics over its kept query blocks; in

@@ -114,8 +114,8 @@ def check_against(layout, elements):
                      for b in range(elements.shape[0])]
     kept = torch.stack([torch.stack([k for k, _ in row]) for row in kept_and_full])
     full = torch.stack([torch.stack([f for _, f in row]) for row in kept_and_full])
-    assert torch.equal(layout.to_dense(), kept)
-    assert torch.equal(layout.to_dense("full"), full)  # classes are exact: a partial block has a hole
+    assert torch.equal(layout.to_dense().cpu(), kept.cpu())
+    assert torch.equal(layout.to_dense("full").cpu(), full.cpu())  # classes are exact: a partial block has a hole
 
 
 # --- builders --------------------------------------------------------------------------------
