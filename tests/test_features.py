@@ -312,6 +312,20 @@ def test_dropout(case, dropout_p):
                 query_padding_mask=_padding_mask(b, sq, "right"), lse_grad=True)
 
 
+@pytest.mark.parametrize("case", _pick(
+    [(1, 3, 1, 33, 31, 40, True, FP16)],
+    [(2, 6, 2, 257, 255, d, True, dtype) for d in (160, 192) for dtype in (FP16, BF16)],
+), ids=_ids)
+def test_dropout_in_32_key_tiles_at_large_head_dims(case):
+    """Above head dim 128 the forward's tile is 64 x 32, so it draws the dropout mask through _dropout_keep's 32-key
+    path, in loops that mask keys (causal, key padding, ragged lengths). With GQA that kernel faulted on the H200
+    (misaligned address) when the path joined and permuted its calls' flags (tests/test_random.py,
+    GPU_REGRESSIONS)."""
+    b, h, hk, sq, sk, d, causal, dtype = case
+    q, k, v = _qkv(b, h, hk, sq, sk, d, dtype)
+    check_dense(q, k, v, causal=causal, dropout_p=0.3, key_padding_mask=_padding_mask(b, sk, "left"))
+
+
 @pytest.mark.parametrize("case", _pick([(1, 2, 1, 64, 90, 32, True, FP32)], [(4, 8, 2, 1023, 1025, 64, True, BF16)]),
                          ids=_ids)
 def test_all_features_together(case):

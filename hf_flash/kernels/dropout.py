@@ -80,11 +80,14 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
     shuffle through shared memory instead costs twice as much per element on the H100 (docs/design.md, section 5). And a
     key pair's two draws are the two lanes of one 32-bit word, so the forward tests and applies them two at a
     time on the fp16/bf16 P (_drop_pairs). Tiles of any size see the same mask, so the forward, both backward
-    kernels and dropout_mask() agree; a 32-key tile computes its span's calls and uses half their words. A 16-key
-    tile makes one call per element (4x the Philox work of its share) and takes each flag with a byte permute
-    (_lane16), as _dropout_keep_t does: the joins and permute of a (BLOCK_M, 4, 2, 2) tensor gave wrong flags on
-    the H200 where the loop also masks keys (fp16/bf16 block-sparse, layout block 16, key padding; Triton 3.6),
-    while the interpreter gave the right ones (tests/test_random.py, GPU_REGRESSIONS).
+    kernels and dropout_mask() agree. A 16- or 32-key tile makes one call per element and takes each flag with a
+    byte permute (_lane16), as _dropout_keep_t does: joining and permuting its calls' flags as the 64-key tile does
+    went wrong on the H200 (Triton 3.6) in loops that also mask keys, while the interpreter gave the right flags.
+    16 keys: wrong flags (fp16/bf16 block-sparse, layout block 16, key padding). 32 keys, the forward's tile at
+    head dims above 128: the pipelined kernel faulted (misaligned address or illegal memory access; fp16/bf16,
+    head dim 160 or 192, GQA, causal, key padding), not with num_stages=1 or under compute-sanitizer
+    (tests/test_random.py, GPU_REGRESSIONS). Per element, the calls cost the same there (H200, B2 H16 N2048,
+    d160-256, p = 0.1: forward and backward times within 1%, the d192 causal bf16 forward 6% slower).
     An element is kept when its draw >= t = min(ceil(p * 16384), 16383), i.e. when its 16-bit lane >= 4 t: p is
     quantised up to t / 16384 (the host passes the kernels that quantised p, quantised_dropout_p). Every
     draw is uniform on 14 bits, so each flag is kept with probability exactly 1 - t / 16384; two draws that
@@ -100,16 +103,11 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
                        tl.join(_word_keep(w2, t), _word_keep(w3, t)))
         # (row, g // 4, g % 4, e, n % 2, w % 2, w // 2) -> key order (g // 4, w // 2, w % 2, n % 2, g % 4, e)
         keep = tl.permute(tl.reshape(keep, (BLOCK_M, BLOCK_N // 64, 4, 2, 2, 2, 2)), (0, 1, 6, 5, 4, 2, 3))
-    elif BLOCK_N == 32:  # part of a 64-key span: its calls, and their words 0, 1 or 2, 3
-        w0, w1, w2, w3 = _philox_words(seed, rng_rows, start_n // 64 * 4 + tl.arange(0, 4))
-        second = (start_n // 32) % 2 == 1
-        keep = tl.join(_word_keep(tl.where(second, w2, w0), t), _word_keep(tl.where(second, w3, w1), t))
-        keep = tl.permute(keep, (0, 4, 3, 1, 2))  # (row, g, e, n % 2, w % 2) -> key order (w % 2, n % 2, g, e)
-    else:  # 16 keys, one word of each of 4 calls: drawn element by element (see above)
-        k = start_n % 64 + tl.arange(0, 16)  # this tile's keys in their 64-key span
+    else:  # 16 or 32 keys, a quarter or half of each of 4 calls' words: drawn element by element (see above)
+        k = start_n % 64 + tl.arange(0, BLOCK_N)  # this tile's keys in their 64-key span
         w0, w1, w2, w3 = _philox_words(seed, rng_rows, start_n // 64 * 4 + (k % 8) // 2)
-        quarter = (start_n // 16) % 4
-        word = tl.where(quarter == 0, w0, tl.where(quarter == 1, w1, tl.where(quarter == 2, w2, w3)))
+        w = (k // 16)[None, :]
+        word = tl.where(w == 0, w0, tl.where(w == 1, w1, tl.where(w == 2, w2, w3)))
         keep = _lane16(word, (2 * ((k // 8) % 2) + k % 2)[None, :], INTERPRET) >= t
     return tl.reshape(keep, (BLOCK_M, BLOCK_N))
 
