@@ -17,6 +17,7 @@ from test_features import BF16, FP16, FP32, _check, _padding_mask, _pick, _qkv
 
 import hf_flash
 from hf_flash import layouts as L
+from hf_flash.layouts._blocks import _from_csr
 import hf_flash.kernels as kernels
 from hf_flash.reference import attention_reference, visibility_mask
 
@@ -182,8 +183,8 @@ def test_kernel_lists_demote_diagonal_and_ragged_blocks():
     layout = L.local(10, sq, sk, bs) | L.global_tokens(3, sq, sk, bs)
     tensors, block_q, block_k = layout.kernel_tensors(is_causal=True)
     assert layout.kernel_tensors(is_causal=True)[0] is tensors and (block_q, block_k) == (bs, bs)
-    full = L._from_csr(tensors.full_kv_num_blocks, tensors.full_kv_indices, 5)
-    rebuilt = L.BlockSparseLayout.from_block_masks(full, L._from_csr(tensors.kv_num_blocks, tensors.kv_indices, 5),
+    full = _from_csr(tensors.full_kv_num_blocks, tensors.full_kv_indices, 5)
+    rebuilt = L.BlockSparseLayout.from_block_masks(full, _from_csr(tensors.kv_num_blocks, tensors.kv_indices, 5),
                                                    sq, sk, bs)
     assert torch.equal(rebuilt.to_dense(), layout.to_dense() & L.causal(sq, sk, bs).to_dense())
     full = rebuilt.to_dense("full")

@@ -9,6 +9,8 @@ import torch
 from conftest import DEVICE
 
 from hf_flash import layouts as L
+from hf_flash.layouts._blocks import _from_csr
+from hf_flash.layouts.layout import _CSR_FIELDS
 from hf_flash.layouts import BlockSparseLayout
 
 # (seqlen_q, seqlen_k, block_size): ragged tails, seqlen_q != seqlen_k both ways, one (block_q, block_k) pair.
@@ -295,8 +297,8 @@ def test_matches_flex_attention_block_mask():
                            (L.local(256, seqlen) & L.causal(seqlen), L.and_masks(window, causal))]:
         theirs = flex.create_block_mask(mask_mod, 1, 1, seqlen, seqlen, device="cpu", BLOCK_SIZE=128)
         nk = ours.n_kv_blocks
-        assert torch.equal(ours.to_dense("partial"), L._from_csr(theirs.kv_num_blocks, theirs.kv_indices, nk))
-        assert torch.equal(ours.to_dense("full"), L._from_csr(theirs.full_kv_num_blocks, theirs.full_kv_indices, nk))
+        assert torch.equal(ours.to_dense("partial"), _from_csr(theirs.kv_num_blocks, theirs.kv_indices, nk))
+        assert torch.equal(ours.to_dense("full"), _from_csr(theirs.full_kv_num_blocks, theirs.full_kv_indices, nk))
 
 
 # --- devices, repr, pictures ----------------------------------------------------------------
@@ -309,7 +311,7 @@ def test_builders_follow_the_device():
                L.from_mask_mod(lambda b, h, q, kv: q >= kv, sq, sk, 64, device=DEVICE),
                L.local(50, sq, sk, 64, device=DEVICE) | L.global_tokens(10, sq, sk, 64, device=DEVICE)]
     for layout in layouts:
-        assert all(getattr(layout, name).device.type == torch.device(DEVICE).type for name in L._CSR_FIELDS)
+        assert all(getattr(layout, name).device.type == torch.device(DEVICE).type for name in _CSR_FIELDS)
         layout.to_dense_elements()
         moved = layout.to("cpu")
         assert moved.device.type == "cpu" and torch.equal(moved.to_dense_elements(), layout.to_dense_elements().cpu())

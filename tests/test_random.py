@@ -591,7 +591,7 @@ REGRESSIONS = [
 
 
 # Found at 2,000 examples on the H200 (tests/test_random.py's GPU command). A plain layout's ragged edge block in a
-# union with a window: the window's rule hid keys the plain side attends (out error 4.6, fixed in layouts._combine).
+# union with a window: the window's rule hid keys the plain side attends (out error 4.6, fixed in BlockSparseLayout._combine).
 REGRESSIONS.append(Case(api="sparse", dtype=FP16, batch=2, nheads=4, nheads_kv=2, headdim=160, seqlen_q=71,
                         seqlen_k=255, key_padding=("random", (0.0, 0.9499223963450683)), softmax_scale=0.14205583403359992,
                         scores="large", score_size=19.828420100747355,
