@@ -7,11 +7,17 @@ are kept. On a CUDA GPU, from the repository root:
 
     python tools/ship_tuning.py                        # the default grid (dense benchmark grid + fine-tuning shapes)
     python tools/ship_tuning.py --headdims 64 --seqlens 512 1024 --out /tmp/sm90.json
+    python tools/ship_tuning.py --jobs 15              # compile the candidates in 15 processes first
+
+Compiling dominates a search (seconds per candidate, one at a time, on the CPU). With --jobs N, N processes first
+compile every candidate of the grid's calls into Triton's cache without timing anything; the search in this process
+then times them with nothing left to compile.
 """
 
 import argparse
 import itertools
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +28,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hf_flash  # noqa: E402
 import hf_flash.kernels as kernels  # noqa: E402
-from hf_flash.kernels import choices  # noqa: E402
+from hf_flash.kernels import choices, launch, tuning  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -46,18 +52,57 @@ def calls(args):
         yield f"d{d} N{n} {'causal' if causal else 'full'} {dtype} {features or 'plain'}", run
 
 
+def _compile_candidates_first():
+    """Makes every launch in this process compile all its tuning candidates (Triton's warmup: nothing runs or is
+    timed), then run the config the rule picks, so that the next call of the grid has its inputs."""
+    run_rule = launch._launch
+
+    def compile_then_launch(kernel, rows, block, programs, **kwargs):
+        for config in tuning._prune(kernel.configs, kwargs):
+            grid = (triton.cdiv(rows, config.kwargs[block]) * programs,)
+            try:
+                kernel.fn.warmup(grid=grid, **kwargs, **config.all_kwargs())
+            except Exception as error:  # a candidate that does not compile: the search skips it too
+                print(f"  {kernel.base_fn.__name__} {config}: {type(error).__name__}", flush=True)
+        run_rule(kernel, rows, block, programs, **kwargs)
+
+    launch._launch = compile_then_launch  # the launchers look _launch up at each call
+
+
+def _compile_in_parallel(args):
+    """Runs this script with --compile-slice i/N in N processes; returns when all are done."""
+    started = time.time()
+    children = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--compile-slice", f"{i}/{args.jobs}"])
+                for i in range(args.jobs)]
+    failed = sum(child.wait() != 0 for child in children)
+    print(f"compiled in {args.jobs} processes ({time.time() - started:.0f} s){f'; {failed} failed' if failed else ''}",
+          flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--headdims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--headdims", type=int, nargs="+", default=[32, 64, 128])  # 32: all-MiniLM-L6-v2
     p.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp16", "bf16"])
     p.add_argument("--features", nargs="+", default=["", "dropout", "padding", "padding+dropout"],
                    help="'' (none), dropout, padding, or both joined by '+'")
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen per call")
     p.add_argument("--out", type=Path, default=None, help="default: hf_flash/kernels/tuned/<arch>.json")
+    p.add_argument("--jobs", type=int, default=1, help="processes that compile the candidates before the search")
+    p.add_argument("--compile-slice", default=None, help=argparse.SUPPRESS)  # "i/N": a --jobs child's share
     args = p.parse_args()
     if not torch.cuda.is_available() or kernels.settings.INTERPRET:
         raise SystemExit("ship_tuning.py needs a CUDA GPU and no TRITON_INTERPRET")
+    if args.compile_slice is not None:
+        index, count = map(int, args.compile_slice.split("/"))
+        kernels.settings.AUTOTUNE = False
+        _compile_candidates_first()
+        for i, (what, run) in enumerate(calls(args)):
+            if i % count == index:
+                run()
+        return
+    if args.jobs > 1:
+        _compile_in_parallel(args)
     kernels.settings.AUTOTUNE = True
     arch = choices._arch(torch.device("cuda"))
     out = args.out or choices.TUNED_DIR / f"{arch}.json"
