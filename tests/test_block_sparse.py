@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from conftest import DEVICE, ON_GPU, assert_compiled_matches, fresh_tuning
-from test_features import BF16, FP16, FP32, _check, _padding_mask, _pick, _qkv
+from test_features import BF16, FP16, FP32, _check, _one_candidate_each, _padding_mask, _pick, _qkv
 
 import hf_flash
 from hf_flash import layouts as L
@@ -106,6 +106,24 @@ def test_dropout_with_key_padding_at_small_layout_blocks(block_size, dtype, dq, 
     b, h, hk, sq, sk, d = _pick([(1, 2, 1, 40, 70, 24)], [(2, 3, 3, 300, 333, 64)])[0]
     layout = L.local(24, sq, sk, block_size, device=DEVICE) | L.global_tokens(5, sq, sk, block_size, device=DEVICE)
     check_sparse(*_qkv(b, h, hk, sq, sk, d, dtype), layout, dropout_p=0.4, lse_grad=True,
+                 key_padding_mask=_padding_mask(b, sk, "random"))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter has a single config")
+@pytest.mark.parametrize("dq", ["atomic", "kernel"])
+@pytest.mark.parametrize("index", range(max(len(kernels.tuning._FWD_CONFIGS), len(kernels.tuning._BWD_DKDV_CONFIGS),
+                                            len(kernels.tuning._BWD_DQ_CONFIGS))))
+@pytest.mark.parametrize("head_dim, dtype", [(64, FP16), (128, BF16)], ids=["d64-fp16", "d128-bf16"])
+def test_every_config_is_exact_with_dropout_and_padding(head_dim, dtype, index, dq, monkeypatch):
+    """test_features.py's test of the same name on the block-sparse path: each candidate the search may pick for
+    128-token layout blocks, under dropout and key padding, with a window | global-token layout and GQA."""
+    monkeypatch.setattr(kernels.settings, "_ATOMIC_DQ", "dropout" if dq == "atomic" else "0")
+    monkeypatch.setattr(kernels.settings, "_DKDV_ROWS", "tune")
+    (b, h, hk, sq, sk), block = _pick([((1, 3, 1, 150, 140), 64)], [((2, 6, 2, 700, 777), 128)])[0]
+    _one_candidate_each(monkeypatch, index, head_dim, dtype, DROPOUT=True, SPARSE=True, LAYOUT_BQ=block,
+                        LAYOUT_BK=block)
+    layout = L.local(100, sq, sk, block, device=DEVICE) | L.global_tokens(20, sq, sk, block, device=DEVICE)
+    check_sparse(*_qkv(b, h, hk, sq, sk, head_dim, dtype), layout, dropout_p=0.3, lse_grad=True,
                  key_padding_mask=_padding_mask(b, sk, "random"))
 
 
