@@ -86,8 +86,11 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_M: tl.constexpr, BLO
     16 keys: wrong flags (fp16/bf16 block-sparse, layout block 16, key padding). 32 keys, the forward's tile at
     head dims above 128: the pipelined kernel faulted (misaligned address or illegal memory access; fp16/bf16,
     head dim 160 or 192, GQA, causal, key padding), not with num_stages=1 or under compute-sanitizer
-    (tests/test_random.py, GPU_REGRESSIONS). Per element, the calls cost the same there (H200, B2 H16 N2048,
-    d160-256, p = 0.1: forward and backward times within 1%, the d192 causal bf16 forward 6% slower).
+    (tests/test_random.py, GPU_REGRESSIONS). In loops without masking the compiler merges a thread's calls, and
+    these tiles cost what the joined flags did (H200, B2 H16 N2048, d160-256, p = 0.1: forward and backward within
+    1%); in loops that mask keys it makes every element's call (static, Triton 3.6, sm_90: 1013 instructions per
+    iteration of the 64 x 32 forward at d192 against 556 with the joins, 1195 against 503 for the 128 x 32 dQ tile
+    at d64; the d192 causal bf16 forward 6% slower).
     An element is kept when its draw >= t = min(ceil(p * 16384), 16383), i.e. when its 16-bit lane >= 4 t: p is
     quantised up to t / 16384 (the host passes the kernels that quantised p, quantised_dropout_p). Every
     draw is uniform on 14 bits, so each flag is kept with probability exactly 1 - t / 16384; two draws that
