@@ -250,6 +250,20 @@ def test_bad_input(args, kwargs, error, match):
         hf_flash.flash_attn_func(*args, **kwargs)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_gpu_that_is_not_the_current_device():
+    """A model split over GPUs (device_map="auto") calls attention with tensors on a GPU that is not the current
+    device: the kernels run on the tensors' GPU (Triton launches on the current one), each GPU with its own compiled
+    kernels, and the current device is left as it was."""
+    torch.cuda.set_device(0)
+    for device in ("cuda:1", "cuda:0", "cuda:1"):  # the same launch key on both GPUs, in turn
+        q, k, v = (torch.randn(2, 333, 4, 64, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        check_against_reference(q, k, v, causal=True)
+        seed = kernels.dropout.draw_dropout_seed(q.device)
+        assert kernels.dropout.dropout_mask(seed, 1, 2, 70, 90, 0.3).device == q.device
+        assert torch.cuda.current_device() == 0
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device next to the CPU")
 def test_mixed_devices():
     with pytest.raises(ValueError, match="must be on one device"):

@@ -7,6 +7,7 @@ a tensor for tests; quantised_dropout_p and kept_probability say which p the ker
 section 5).
 """
 
+import contextlib
 import math
 
 import torch
@@ -244,9 +245,11 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, dropout_p):
     For tests. For packed sequences, seqlen_* are max_seqlen_* and indices are local to each sequence."""
     out = torch.empty((batch, nheads, seqlen_q, seqlen_k), device=seed.device, dtype=torch.int8)
     if out.numel():
-        _dropout_mask_kernel[(triton.cdiv(seqlen_q, 64) * batch * nheads,)](
-            seed, out, seqlen_q, seqlen_k, quantised_dropout_p(dropout_p), BLOCK_M=64, BLOCK_N=64,
-            TRANSPOSED=False, INTERPRET=bool(settings.INTERPRET))
+        # Triton launches on the current device: make seed's current (see launch._launch)
+        with torch.cuda.device(seed.device) if seed.device.type == "cuda" else contextlib.nullcontext():
+            _dropout_mask_kernel[(triton.cdiv(seqlen_q, 64) * batch * nheads,)](
+                seed, out, seqlen_q, seqlen_k, quantised_dropout_p(dropout_p), BLOCK_M=64, BLOCK_N=64,
+                TRANSPOSED=False, INTERPRET=bool(settings.INTERPRET))
     return out.bool()
 
 

@@ -49,11 +49,18 @@ def _launch(kernel, rows, block, programs, **kwargs):
     the integers (it specialises on divisibility by 16 and on == 1), and the dtype and 16-byte
     alignment of each pointer. The launch key holds all of these (the integers by value; pointer dtypes
     as q's dtype, because every other pointer's dtype is fixed by the callers: int32 lengths and layouts,
-    bool masks, fp32 lse and slopes, int64 seed), so the cached kernel is the one Triton would pick, and
-    the call goes straight to its C launcher. Pointers go in as integer addresses: given a tensor, the
+    bool masks, fp32 lse and slopes, int64 seed) and the device, so the cached kernel is the one Triton
+    would pick, and the call goes straight to its C launcher. Pointers go in as integer addresses: given a tensor, the
     launcher would call data_ptr() and query the driver (cuPointerGetAttribute) for each of ~20 pointers.
     """
     global _driver
+    device = kwargs["Q"].device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        # Triton launches on the current device's stream: a tensor on another GPU (a layer of a model split over
+        # GPUs, device_map="auto") would run on the wrong device, unordered with its own stream. ATen's kernels
+        # make the tensor's device current (a device guard); so do we.
+        with torch.cuda.device(device):
+            return _launch(kernel, rows, block, programs, **kwargs)
     key, addresses, scalars = _launch_key(kernel, kwargs)
     entry = _COMPILED.get(key)
     if entry is not None and not _launch_hooks():
@@ -106,7 +113,8 @@ def _launch_key(kernel, kwargs):
     values = getter(kwargs)
     addresses = [p.data_ptr() for p in values[:n_ptr]]
     scalars = values[n_ptr:]
-    return (kernel, kwargs["Q"].dtype, scalars, *[a % 16 for a in addresses]), addresses, scalars
+    q = kwargs["Q"]  # and its device: a compiled kernel's function handle belongs to the device it was loaded on
+    return (kernel, q.dtype, q.device.index, scalars, *[a % 16 for a in addresses]), addresses, scalars
 
 
 def _launch_hooks():
