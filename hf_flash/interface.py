@@ -44,6 +44,9 @@ def _check_qkv(q, k, v, ndim):
             "q, k, v are on the CPU: the hf_flash kernels run on CUDA GPUs (move the tensors with .cuda()), "
             "or on the CPU under Triton's interpreter for testing (set TRITON_INTERPRET=1 before importing "
             "hf_flash; slow)")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"q, k, v are on {q.device}: the hf_flash kernels run on CUDA GPUs (move the tensors "
+                         f"with .cuda())")
 
 
 def _check_options(q, batch, causal, softmax_scale, dropout_p, window_size, alibi_slopes):

@@ -270,6 +270,12 @@ def test_mixed_devices():
         hf_flash.flash_attn_func(_t(1, 8, 2, 16), _t(1, 8, 2, 16, device="cpu"), _t(1, 8, 2, 16))
 
 
+def test_other_devices_say_where_the_kernels_run():
+    x = torch.randn(1, 8, 2, 16, device="meta")
+    with pytest.raises(ValueError, match="are on meta: the hf_flash kernels run on CUDA GPUs"):
+        hf_flash.flash_attn_func(x, x, x)
+
+
 def test_cpu_without_interpreter_says_how_to_run(monkeypatch):
     monkeypatch.setattr(kernels.settings, "INTERPRET", False)
     x = torch.randn(1, 8, 2, 16)
