@@ -29,32 +29,29 @@ def _call_mask_mod(fn, b, h, q_idx, kv_idx):
     return out
 
 
-def and_masks(*mask_mods: MaskMod) -> MaskMod:
-    """An element is attended iff every mask_mod attends it (no mask_mods: everything)."""
+def _combined(mask_mods, attend_all, word):
+    """The mask_mod that ANDs (attend_all: True, an empty list attends everything) or ORs mask_mods."""
     for fn in mask_mods:
         _check_mask_mod("mask_mods", fn)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        out = torch.ones((), dtype=torch.bool, device=q_idx.device)
+        out = torch.full((), attend_all, dtype=torch.bool, device=q_idx.device)
         for fn in mask_mods:
-            out = out & _call_mask_mod(fn, b, h, q_idx, kv_idx)
+            attended = _call_mask_mod(fn, b, h, q_idx, kv_idx)
+            out = out & attended if attend_all else out | attended
         return out
 
-    return _named(mask_mod, f"and({', '.join(map(_name, mask_mods))})")
+    return _named(mask_mod, f"{word}({', '.join(map(_name, mask_mods))})")
+
+
+def and_masks(*mask_mods: MaskMod) -> MaskMod:
+    """An element is attended iff every mask_mod attends it (no mask_mods: everything)."""
+    return _combined(mask_mods, True, "and")
 
 
 def or_masks(*mask_mods: MaskMod) -> MaskMod:
     """An element is attended iff some mask_mod attends it (no mask_mods: nothing)."""
-    for fn in mask_mods:
-        _check_mask_mod("mask_mods", fn)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        out = torch.zeros((), dtype=torch.bool, device=q_idx.device)
-        for fn in mask_mods:
-            out = out | _call_mask_mod(fn, b, h, q_idx, kv_idx)
-        return out
-
-    return _named(mask_mod, f"or({', '.join(map(_name, mask_mods))})")
+    return _combined(mask_mods, False, "or")
 
 
 def causal_mask_mod(seqlen_q: int, seqlen_k: int | None = None) -> MaskMod:
