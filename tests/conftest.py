@@ -66,6 +66,16 @@ def fresh_tuning(monkeypatch):
     return tuned
 
 
+def one_candidate_each(monkeypatch, index, block_d, dtype, **features):
+    """Makes each tuned kernel run only its index-th candidate (modulo their number) for this row width (block_d)
+    and these features (tuning._prune's arguments), starting from no tuned configs."""
+    import hf_flash.kernels as kernels
+    for kernel in fresh_tuning(monkeypatch):
+        configs = kernels.tuning._prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d,
+                                        **features)
+        monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,8 +12,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICE, ON_GPU, assert_compiled_matches, fresh_tuning
-from test_features import BF16, FP16, FP32, _check, _one_candidate_each, _padding_mask, _pick, _qkv
+from conftest import DEVICE, ON_GPU, assert_compiled_matches, fresh_tuning, one_candidate_each
+from test_features import BF16, FP16, FP32, _check, _padding_mask, _pick, _qkv
 
 import hf_flash
 from hf_flash import layouts as L
@@ -120,7 +120,7 @@ def test_every_config_is_exact_with_dropout_and_padding(head_dim, dtype, index, 
     monkeypatch.setattr(kernels.settings, "_ATOMIC_DQ", "dropout" if dq == "atomic" else "0")
     monkeypatch.setattr(kernels.settings, "_DKDV_ROWS", "tune")
     (b, h, hk, sq, sk), block = _pick([((1, 3, 1, 150, 140), 64)], [((2, 6, 2, 700, 777), 128)])[0]
-    _one_candidate_each(monkeypatch, index, head_dim, dtype, DROPOUT=True, SPARSE=True, LAYOUT_BQ=block,
+    one_candidate_each(monkeypatch, index, head_dim, dtype, DROPOUT=True, SPARSE=True, LAYOUT_BQ=block,
                         LAYOUT_BK=block)
     layout = L.local(100, sq, sk, block, device=DEVICE) | L.global_tokens(20, sq, sk, block, device=DEVICE)
     check_sparse(*_qkv(b, h, hk, sq, sk, head_dim, dtype), layout, dropout_p=0.3, lse_grad=True,

@@ -17,7 +17,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICE, ON_GPU, assert_close_2x, fresh_tuning
+from conftest import DEVICE, ON_GPU, assert_close_2x, fresh_tuning, one_candidate_each
 
 import hf_flash
 import hf_flash.kernels as kernels
@@ -636,27 +636,19 @@ def test_register_capped_forward_tile_is_exact_with_dropout(monkeypatch):
     assert [cfg for key, cfg in kernels.launch._CHOSEN.items() if key[0] is kernels.forward._attn_fwd] == capped[:1] * 2
 
 
-def _one_candidate_each(monkeypatch, index, block_d, dtype, **features):
-    """Makes each tuned kernel run its index-th candidate (modulo their number) for these features: with
-    HF_FLASH_AUTOTUNE=0 the first candidate that fits runs, and here that is the only one."""
-    for kernel in fresh_tuning(monkeypatch):
-        configs = kernels.tuning._prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d,
-                                        **features)
-        monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])
-
-
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter has a single config")
 @pytest.mark.parametrize("dq", ["atomic", "kernel"])
 @pytest.mark.parametrize("index", range(max(len(kernels.tuning._FWD_CONFIGS), len(kernels.tuning._BWD_DKDV_CONFIGS),
                                             len(kernels.tuning._BWD_DQ_CONFIGS))))
-@pytest.mark.parametrize("head_dim, dtype", [(64, FP16), (128, BF16), (192, FP16)], ids=["d64-fp16", "d128-bf16", "d192-fp16"])
+@pytest.mark.parametrize("head_dim, dtype", [(64, FP16), (128, BF16), (192, FP16)],
+                         ids=["d64-fp16", "d128-bf16", "d192-fp16"])
 def test_every_config_is_exact_with_dropout_and_padding(head_dim, dtype, index, dq, monkeypatch):
     """Each candidate the search may pick under dropout (its list differs: the capped forward tile, both dK/dV
     orientations), in loops that mask keys (causal, key padding, ragged lengths) with GQA, dQ summed with atomics or
     by its own kernel: the two tile shapes whose dropout flags once went wrong on the H200 only did so there."""
     monkeypatch.setattr(kernels.settings, "_ATOMIC_DQ", "dropout" if dq == "atomic" else "0")
     monkeypatch.setattr(kernels.settings, "_DKDV_ROWS", "tune")
-    _one_candidate_each(monkeypatch, index, triton.next_power_of_2(head_dim), dtype, DROPOUT=True)
+    one_candidate_each(monkeypatch, index, triton.next_power_of_2(head_dim), dtype, DROPOUT=True)
     b, h, hk, sq, sk = _pick([(1, 3, 1, 40, 37)], [(2, 6, 2, 257, 255)])[0]
     q, k, v = _qkv(b, h, hk, sq, sk, head_dim, dtype)
     check_dense(q, k, v, causal=True, dropout_p=0.3, key_padding_mask=_padding_mask(b, sk, "left"), lse_grad=True)

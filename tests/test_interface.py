@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, assert_close_2x, assert_compiled_matches, fresh_tuning
+from conftest import DEVICE, ON_GPU, assert_close_2x, assert_compiled_matches, fresh_tuning, one_candidate_each
 
 import hf_flash
 import hf_flash.kernels as kernels
@@ -257,7 +257,8 @@ def test_tensors_on_a_gpu_that_is_not_the_current_device():
     kernels, and the current device is left as it was."""
     torch.cuda.set_device(0)
     for device in ("cuda:1", "cuda:0", "cuda:1"):  # the same launch key on both GPUs, in turn
-        q, k, v = (torch.randn(2, 333, 4, 64, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        q, k, v = (torch.randn(2, 333, 4, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
         check_against_reference(q, k, v, causal=True)
         seed = kernels.dropout.draw_dropout_seed(q.device)
         assert kernels.dropout.dropout_mask(seed, 1, 2, 70, 90, 0.3).device == q.device
@@ -291,9 +292,7 @@ def test_every_config_is_exact(index, head_dim, dtype, monkeypatch):
     """Each autotuning candidate computes the same function, whichever the tuner picks."""
     monkeypatch.setattr(kernels.settings, "AUTOTUNE", True)
     monkeypatch.setattr(kernels.settings, "_DKDV_ROWS", "tune")  # the dK/dV tiles in both orientations
-    for kernel in fresh_tuning(monkeypatch):
-        configs = kernels.tuning._prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=head_dim)
-        monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])
+    one_candidate_each(monkeypatch, index, head_dim, dtype)
     for causal in (False, True):
         check_against_reference(*_qkv(2, 4, 2, 333, 301, head_dim, dtype), causal)
 
