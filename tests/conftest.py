@@ -67,13 +67,18 @@ def fresh_tuning(monkeypatch):
 
 
 def one_candidate_each(monkeypatch, index, block_d, dtype, **features):
-    """Makes each tuned kernel run only its index-th candidate (modulo their number) for this row width (block_d)
-    and these features (tuning._prune's arguments), starting from no tuned configs."""
+    """Makes each tuned kernel run its index-th candidate (modulo their number) for this row width (block_d) and
+    these features (tuning._prune's arguments), starting from no tuned configs and timing nothing. The others stay
+    behind it, for the case where it does not fit the GPU's shared memory: then the next one runs, as for a user
+    (launch._run_fitting)."""
     import hf_flash.kernels as kernels
+    monkeypatch.setattr(kernels.settings, "AUTOTUNE", False)
+    monkeypatch.setattr(kernels.choices, "_table", lambda arch: {})
     for kernel in fresh_tuning(monkeypatch):
         configs = kernels.tuning._prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d,
                                         **features)
-        monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])
+        pinned = configs[index % len(configs)]
+        monkeypatch.setattr(kernel, "configs", [pinned, *(c for c in kernel.configs if c is not pinned)])
 
 
 @pytest.fixture(autouse=True)

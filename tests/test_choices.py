@@ -58,6 +58,38 @@ def test_without_a_table_the_first_candidate_that_fits_runs(monkeypatch):
     assert config is first
 
 
+def test_a_tile_this_gpu_cannot_fit_gives_way_to_the_next_candidate(monkeypatch, caplog):
+    """The rule's first candidate needs more shared memory than the GPU has (Triton raises OutOfResources before
+    launching): the next candidate that fits runs, the result is exact, the choice is kept, and it is said once."""
+    from triton.runtime.errors import OutOfResources
+    from conftest import fresh_tuning
+    monkeypatch.setattr(kernels.settings, "AUTOTUNE", False)
+    monkeypatch.setattr(choices, "_table", lambda arch: {})
+    monkeypatch.setattr(choices, "_said", set())
+    fresh_tuning(monkeypatch)
+    fwd = kernels.forward._attn_fwd
+    q = torch.randn(1, 40, 2, 32, device="cuda" if ON_GPU else "cpu", dtype=torch.float16)
+    first = kernels.tuning._prune(fwd.configs, {"Q": q, "BLOCK_D": 32})[0]
+    run, tried = fwd.fn.run, []
+
+    def run_unless_first(*args, **kwargs):
+        tried.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_stages"]))
+        if tried[-1] == (first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_stages):
+            raise OutOfResources(245760, 232448, "shared memory")
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(fwd.fn, "run", run_unless_first)
+    caplog.set_level(logging.INFO, logger="hf_flash")
+    for _ in range(2):
+        out = hf_flash.flash_attn_func(q, q, q)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2).double() for x in (q, q, q)))
+    torch.testing.assert_close(out.double(), ref.transpose(1, 2), atol=2e-3, rtol=0)
+    chosen, = [c for key, c in kernels.launch._CHOSEN.items() if key[0] is fwd]
+    assert chosen is not first and len(tried) == (2 if ON_GPU else 3)  # the interpreter caches no launch
+    messages = [r.getMessage() for r in caplog.records if "needs 245760 of shared memory" in r.getMessage()]
+    assert len(messages) == 1 and messages[0].startswith("the forward (float16, head dim 32")
+
+
 def test_the_search_cache_is_keyed_by_gpu_name(monkeypatch):
     """Triton's disk cache stores the choice under the key plus the GPU's name; run() finds it under its own key."""
     seen = []

@@ -290,7 +290,6 @@ def test_cpu_without_interpreter_says_how_to_run(monkeypatch):
 @pytest.mark.parametrize("head_dim, dtype", [(64, torch.float16), (128, torch.bfloat16), (256, torch.float16)])
 def test_every_config_is_exact(index, head_dim, dtype, monkeypatch):
     """Each autotuning candidate computes the same function, whichever the tuner picks."""
-    monkeypatch.setattr(kernels.settings, "AUTOTUNE", True)
     monkeypatch.setattr(kernels.settings, "_DKDV_ROWS", "tune")  # the dK/dV tiles in both orientations
     one_candidate_each(monkeypatch, index, head_dim, dtype)
     for causal in (False, True):

@@ -14,6 +14,7 @@ import operator
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from . import choices, settings
 from .backward_dkdv import _attn_bwd_dkdv
@@ -21,6 +22,7 @@ from .backward_dq import _attn_bwd_dq
 from .common import LOG2E
 from .dropout import quantised_dropout_p
 from .forward import _attn_fwd
+from .tuning import _prune
 
 # (kernel, q dtype, tune-key values) -> the Config the autotuner chose for them.
 _CHOSEN = {}
@@ -80,13 +82,38 @@ def _launch(kernel, rows, block, programs, **kwargs):
         elif config is None:
             config = _CHOSEN[tune_key] = choices.choose(kernel, kwargs)
         if compiled is None:
-            compiled = kernel.fn.run(grid=grid, warmup=False, **kwargs, **config.all_kwargs())
+            compiled, config = _run_fitting(kernel, grid, kwargs, config)
+            _CHOSEN[tune_key] = config
     if not settings.INTERPRET:  # the interpreter has no compiled kernel
         if len(_COMPILED) > 4096:  # many distinct lengths (e.g. padded to the batch's longest): start over
             _COMPILED.clear()
         _driver = triton.runtime.driver.active
         _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata,
                           tuple(config.kwargs[name] for name in _meta(kernel)), config.kwargs[block])
+
+
+def _run_fitting(kernel, grid, kwargs, config):
+    """(compiled kernel, config) of running config, or where it does not fit this GPU, the first of the other
+    candidates (tuning._prune's order) that does, announced once per kernel. The rule's order and the shipped tables
+    come from GPUs with 227 KB of shared memory per block (H100, H200), so a tile can need more than a GPU with less
+    has (A100 163 KB, consumer GPUs ~100 KB). Triton raises before launching, so nothing has run. The search needs
+    no such step: Triton's autotuner skips candidates that do not fit."""
+    candidates = [config, *(c for c in _prune(kernel.configs, kwargs) if c is not config)]
+    for i, candidate in enumerate(candidates):
+        try:
+            return kernel.fn.run(grid=grid, warmup=False, **kwargs, **candidate.all_kwargs()), candidate
+        except OutOfResources as error:
+            if i + 1 == len(candidates):
+                raise
+            choices.say_once(("fit", kernel.base_fn.__name__),
+                             f"{choices.describe_call(kernel, kwargs)}: the tile {_describe(candidate)} needs "
+                             f"{error.required} of {error.name}, this GPU has {error.limit}; taking the next "
+                             "candidate that fits")
+
+
+def _describe(config):
+    return (f"{config.kwargs['BLOCK_M']} x {config.kwargs['BLOCK_N']} ({config.num_warps} warps, "
+            f"{config.num_stages} stages)")
 
 
 def reset_tuning():
