@@ -73,8 +73,8 @@ def test_a_tile_this_gpu_cannot_fit_gives_way_to_the_next_candidate(monkeypatch,
     run, tried = fwd.fn.run, []
 
     def run_unless_first(*args, **kwargs):
-        tried.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_stages"]))
-        if tried[-1] == (first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_stages):
+        tried.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+        if tried[-1] == (first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages):
             raise OutOfResources(245760, 232448, "shared memory")
         return run(*args, **kwargs)
 
