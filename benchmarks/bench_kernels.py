@@ -7,10 +7,13 @@ Run from the repository root on a CUDA GPU:
     python benchmarks/bench_kernels.py --cases dense --dtypes fp16 --name bench_kernels_fp16
     python benchmarks/bench_kernels.py --cases padded dropout --dtypes fp16 bf16
     python benchmarks/bench_kernels.py --headdims 128 --seqlens 2048 8192 --causal yes --dtypes bf16
+    python benchmarks/bench_kernels.py --cases dense --vs-search --no-memory --name bench_shipped_vs_search
 
 Case groups (--cases):
   dense    batch * seqlen = 16384 and nheads * headdim = 2048, so every row moves the same number of
            tokens; hf_flash vs SDPA flash / cuDNN / mem-efficient and plain PyTorch (+ peak memory).
+           --vs-search adds hf_flash_search: the same calls with a timed search of their own
+           (HF_FLASH_AUTOTUNE=1, no choice read from disk), against hf_flash's shipped or rule-picked configs.
   padded   8 sequences, lengths uniform in [N/2, N] (seeded), right padding, 16 heads, d64,
            non-causal: hf_flash with key/query padding masks in the kernel, hf_flash through
            unpad -> flash_attn_varlen_func -> pad, and SDPA with a boolean attn_mask (what
@@ -27,6 +30,7 @@ and prints the Markdown tables last.
 """
 
 import argparse
+import contextlib
 import gc
 import math
 from pathlib import Path
@@ -36,7 +40,7 @@ import torch.nn.functional as F
 import triton
 
 from _common import (DOCS_BENCHMARKS, SDPA_BACKENDS, attempt, bench_ms, environment, environment_line, fmt,
-                     jsonable_args, kernels, pyplot, require_cuda, save_figure, sdpa, write_outputs)
+                     jsonable_args, kernels, pyplot, require_cuda, save_figure, sdpa, tuned_kernels, write_outputs)
 
 import hf_flash
 
@@ -62,10 +66,36 @@ def naive(q, k, v, mask):
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
-def make_methods(q, k, v, qt, kt, vt, causal, batch, nheads, seqlen):
+class SearchMode:
+    """`with SEARCH:` hf_flash times its candidates (a search of its own, whatever HF_FLASH_AUTOTUNE says), its
+    choices and cached launches kept apart from the default mode's. Global for the whole timing, since autograd runs
+    the backward on a thread of its own."""
+
+    def __init__(self):
+        self.chosen, self.compiled = {}, {}
+
+    def __enter__(self):
+        launch = kernels().launch
+        self.saved = kernels().settings.AUTOTUNE, launch._CHOSEN, launch._COMPILED
+        kernels().settings.AUTOTUNE, launch._CHOSEN, launch._COMPILED = True, self.chosen, self.compiled
+        for kernel in tuned_kernels().values():
+            kernel.cache_results = False  # a search in this run, not a choice read from an earlier one
+
+    def __exit__(self, *exc):
+        launch = kernels().launch
+        kernels().settings.AUTOTUNE, launch._CHOSEN, launch._COMPILED = self.saved
+
+
+SEARCH = SearchMode()
+MODES = {"hf_flash_search": SEARCH}
+
+
+def make_methods(q, k, v, qt, kt, vt, causal, batch, nheads, seqlen, vs_search=False):
     """Forward closures plus the leaves whose .grad do_bench must reset; inputs are prepared here,
     outside the timed code, in each method's native layout."""
     fns = {"hf_flash": (lambda: hf_flash.flash_attn_func(q, k, v, causal=causal), [q, k, v])}
+    if vs_search:
+        fns["hf_flash_search"] = fns["hf_flash"]  # timed under SEARCH (time_methods)
     for name, backend in SDPA_BACKENDS.items():
         fns[name] = (lambda b=backend: sdpa(qt, kt, vt, causal, b), [qt, kt, vt])
     if batch * nheads * seqlen**2 * 2 <= TORCH_MAX_SCORE_BYTES:
@@ -132,7 +162,8 @@ def time_methods(row, methods, order, fwd_flops, refused, args):
         if refused.get(name):
             row["errors"][name] = refused[name]
         else:
-            ms_f, ms_b, row["errors"][name] = time_method(*methods[name], args)
+            with MODES.get(name, contextlib.nullcontext()):
+                ms_f, ms_b, row["errors"][name] = time_method(*methods[name], args)
         row["fwd_ms"][name], row["bwd_ms"][name] = ms_f, ms_b
         row["fwd_tflops"][name] = fwd_flops / (ms_f * 1e-3) / 1e12 if ms_f else None
         row["bwd_tflops"][name] = 2.5 * fwd_flops / (ms_b * 1e-3) / 1e12 if ms_b else None
@@ -147,6 +178,10 @@ def speedup(row, pas, ours, other):
     return b / a if a and b else None
 
 
+def dense_methods(args):
+    return METHODS + (["hf_flash_search"] if args.vs_search else [])
+
+
 def bench_config(dtype_name, headdim, seqlen, causal, args):
     batch, nheads = TOKENS // seqlen, WIDTH // headdim
     dtype = DTYPES[dtype_name]
@@ -157,14 +192,16 @@ def bench_config(dtype_name, headdim, seqlen, causal, args):
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     row["check"], err = attempt(lambda: check(q, k, v, qt, kt, vt, causal))
     fwd_flops = 4 * batch * nheads * seqlen**2 * headdim / (2 if causal else 1)
-    methods = make_methods(q, k, v, qt, kt, vt, causal, batch, nheads, seqlen)
+    methods = make_methods(q, k, v, qt, kt, vt, causal, batch, nheads, seqlen, args.vs_search)
     refused = {"hf_flash": None if (row["check"] or {}).get("ok") else
                err or f"correctness check failed: {row['check']}"}  # never time a wrong kernel
-    refused.update({m: "skipped: score matrix too large" for m in METHODS if m not in methods})
-    time_methods(row, methods, METHODS, fwd_flops, refused, args)
+    refused["hf_flash_search"] = refused["hf_flash"]
+    order = dense_methods(args)
+    refused.update({m: "skipped: score matrix too large" for m in order if m not in methods})
+    time_methods(row, methods, order, fwd_flops, refused, args)
     for pas in ("fwd", "bwd"):
         tf = row[f"{pas}_tflops"]
-        for other in ("sdpa_flash", "sdpa_cudnn"):
+        for other in ("sdpa_flash", "sdpa_cudnn", *order[len(METHODS):]):
             ok = tf["hf_flash"] and tf[other]
             row.setdefault("ratios", {})[f"{pas}_hf_over_{other}"] = tf["hf_flash"] / tf[other] if ok else None
     return row
@@ -318,18 +355,21 @@ def ms_cell(row, pas, method):
 
 
 def dense_markdown(rows):
+    methods = METHODS + (["hf_flash_search"] if any("hf_flash_search" in r["fwd_ms"] for r in rows) else [])
+    others = [("sdpa_flash", "÷ flash"), ("sdpa_cudnn", "÷ cuDNN")] + [("hf_flash_search", "÷ search")] * (
+        len(methods) > len(METHODS))
     lines = ["batch·seqlen = 16384, nheads·headdim = 2048; TFLOP/s from the median time "
              "(fwd 4·B·H·N²·D, halved when causal; bwd 2.5× fwd). Ratios > 1: hf_flash faster. "
              "— = unsupported, failed or skipped (see the JSON)."]
     for pas, title in (("fwd", "Forward"), ("bwd", "Backward")):
         lines += ["", f"## {title} TFLOP/s", "",
-                  "| dtype | hd | seqlen | causal | " + " | ".join(METHODS) + " | ÷ flash | ÷ cuDNN |",
-                  "|" + "---|" * 4 + "---:|" * (len(METHODS) + 2)]
+                  "| dtype | hd | seqlen | causal | " + " | ".join(methods + [t for _, t in others]) + " |",
+                  "|" + "---|" * 4 + "---:|" * (len(methods) + len(others))]
         for r in rows:
             ratios = r.get("ratios", {})
             cells = [r["dtype"], r["headdim"], r["seqlen"], "yes" if r["causal"] else "no"]
-            cells += [fmt(r[f"{pas}_tflops"].get(m)) for m in METHODS]
-            cells += [fmt(ratios.get(f"{pas}_hf_over_{o}"), ".2f", "×") for o in ("sdpa_flash", "sdpa_cudnn")]
+            cells += [fmt(r[f"{pas}_tflops"].get(m)) for m in methods]
+            cells += [fmt(ratios.get(f"{pas}_hf_over_{o}"), ".2f", "×") for o, _ in others]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
 
@@ -445,6 +485,8 @@ def parse_args(argv=None):
                    help="default: docs/benchmarks in the repository")
     p.add_argument("--name", default="bench_kernels", help="output file stem: <out-dir>/<name>.{json,md,png}")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory section (part of dense)")
+    p.add_argument("--vs-search", action="store_true",
+                   help="dense rows also time hf_flash with a timed search of its own (hf_flash_search)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
     args = p.parse_args(argv)
@@ -484,7 +526,7 @@ def main(argv=None):
             torch.manual_seed(0)
             row = bench_config(dtype_name, hd, n, causal, args)
             results["rows"].append(row)
-            tf = " ".join(f"{m}={fmt(row['fwd_tflops'][m])}/{fmt(row['bwd_tflops'][m])}" for m in METHODS)
+            tf = " ".join(f"{m}={fmt(row['fwd_tflops'][m])}/{fmt(row['bwd_tflops'][m])}" for m in dense_methods(args))
             print(f"[dense {i}/{len(grid)}] {dtype_name} hd={hd} N={n} causal={causal} B={row['batch']} "
                   f"H={row['nheads']} check={check_summary(row['check'])} fwd/bwd TFLOP/s: {tf}", flush=True)
             save(results, args, final=False)  # a partial run still leaves its numbers on disk

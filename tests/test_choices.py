@@ -91,7 +91,8 @@ def test_a_tile_this_gpu_cannot_fit_gives_way_to_the_next_candidate(monkeypatch,
 
 
 def test_the_search_cache_is_keyed_by_gpu_name(monkeypatch):
-    """Triton's disk cache stores the choice under the key plus the GPU's name; run() finds it under its own key."""
+    """Triton's disk cache stores the choice under the key plus the GPU's name and hf_flash's version; run() finds it
+    under its own key."""
     seen = []
 
     def cached(self, tuning_key, configs, bench_fn):
@@ -104,7 +105,8 @@ def test_the_search_cache_is_keyed_by_gpu_name(monkeypatch):
     kernel = kernels.forward._attn_fwd
     monkeypatch.setattr(kernel, "cache", {})
     assert kernel.check_disk_cache((1024, 64), CANDIDATES, bench_fn=None)
-    assert seen == [(1024, 64, "NVIDIA H200")] and kernel.cache == {(1024, 64): "chosen"}
+    assert seen == [(1024, 64, "NVIDIA H200", f"hf_flash {hf_flash.__version__}")]
+    assert kernel.cache == {(1024, 64): "chosen"}
 
 
 def test_a_slow_call_says_once_that_it_compiles(monkeypatch, caplog):

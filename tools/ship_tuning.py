@@ -9,6 +9,11 @@ are kept. On a CUDA GPU, from the repository root:
     python tools/ship_tuning.py --headdims 64 --seqlens 512 1024 --out /tmp/sm90.json
     python tools/ship_tuning.py --jobs 15              # compile the candidates in 15 processes first
 
+Every candidate's time is kept, and the length buckets of one key (same kernel, dtype, head dim and features) share a
+config wherever that costs each bucket at most --merge-within (default 2%, about the run-to-run noise) against its
+own best: a model whose batches fall in several buckets then compiles one variant instead of one per bucket. Each
+entry records its time relative to the best candidate for its bucket ("slower").
+
 Compiling dominates a search (seconds per candidate, one at a time, on the CPU). With --jobs N, N processes first
 compile every candidate of the grid's calls into Triton's cache without timing anything; the search in this process
 then times them with nothing left to compile.
@@ -17,6 +22,7 @@ then times them with nothing left to compile.
 import argparse
 import itertools
 import json
+import math
 import subprocess
 import sys
 import time
@@ -50,6 +56,36 @@ def calls(args):
             out = hf_flash.flash_attn_func(q, k, v, causal=causal, **kw)
             torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
         yield f"d{d} N{n} {'causal' if causal else 'full'} {dtype} {features or 'plain'}", run
+
+
+def merge(timings, within):
+    """{chosen key: (config, its time / the bucket's best)} where the length buckets of each (kernel, dtype, rest of the
+    key) share as few configs as possible, each bucket within `within` of its own best (a greedy cover: the config
+    that serves the most remaining buckets first, ties to the least summed slowdown)."""
+    groups = {}
+    for chosen, times in timings.items():
+        kernel, dtype, *values = chosen
+        rest = tuple(v for name, v in zip(kernel.keys, values) if name not in choices._BUCKETS)
+        groups.setdefault((kernel, dtype, rest), {})[chosen] = times
+    out = {}
+    for buckets in groups.values():
+        ratios = {chosen: {c: t / min(times.values()) for c, t in times.items() if math.isfinite(t)}
+                  for chosen, times in buckets.items()}
+        left = set(ratios)
+        while left:
+            configs = {c for chosen in left for c in ratios[chosen]}
+            def serves(c):
+                return [chosen for chosen in left if ratios[chosen].get(c, math.inf) <= 1 + within]
+            best = max(configs, key=lambda c: (len(serves(c)), -sum(ratios[b][c] for b in serves(c)), _record(c)))
+            for chosen in serves(best):
+                out[chosen] = (best, ratios[chosen][best])
+                left.discard(chosen)
+    return out
+
+
+def _record(config):
+    """The config as a string: a tie-break that does not depend on the process."""
+    return json.dumps(choices.config_record(config), sort_keys=True)
 
 
 def _compile_candidates_first():
@@ -89,6 +125,8 @@ def main():
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen per call")
     p.add_argument("--out", type=Path, default=None, help="default: hf_flash/kernels/tuned/<arch>.json")
     p.add_argument("--jobs", type=int, default=1, help="processes that compile the candidates before the search")
+    p.add_argument("--merge-within", type=float, default=0.02,
+                   help="the length buckets of a key share a config that is at most this much slower for each (0: no)")
     p.add_argument("--compile-slice", default=None, help=argparse.SUPPRESS)  # "i/N": a --jobs child's share
     args = p.parse_args()
     if not torch.cuda.is_available() or kernels.settings.INTERPRET:
@@ -111,15 +149,29 @@ def main():
         for entry in json.loads(out.read_text())["entries"]:
             entries[(entry["kernel"], entry["dtype"], json.dumps(entry["key"], sort_keys=True))] = entry
     started = time.time()
+    timings = {}  # launch._CHOSEN key -> {config: median ms} of the search that chose it
+    tuned = (kernels.forward._attn_fwd, kernels.backward_dq._attn_bwd_dq, kernels.backward_dkdv._attn_bwd_dkdv)
+    for kernel in tuned:
+        kernel.cache_results = False  # time every key here, never read a choice an earlier search saved
     for what, run in calls(args):
-        t0 = time.time()
+        t0, seen = time.time(), set(kernels.launch._CHOSEN)
+        for kernel in tuned:
+            kernel.configs_timings = None
         run()
+        for chosen in set(kernels.launch._CHOSEN) - seen:
+            if chosen[0].configs_timings:  # None where the pruned list had one candidate: nothing was timed
+                timings[chosen] = {c: t[0] if isinstance(t, (list, tuple)) else t
+                                   for c, t in chosen[0].configs_timings.items()}
         print(f"{what}: {time.time() - t0:.1f} s", flush=True)
-    for (kernel, dtype, *values), config in kernels.launch._CHOSEN.items():
+    merged = merge(timings, args.merge_within)
+    for chosen, config in kernels.launch._CHOSEN.items():
+        kernel, dtype, *values = chosen
         key = dict(zip(kernel.keys, values))
         name, dtype = kernel.base_fn.__name__, str(dtype).removeprefix("torch.")
+        config, slower = merged.get(chosen, (config, None))
         entries[(name, dtype, json.dumps(key, sort_keys=True))] = {
-            "kernel": name, "dtype": dtype, "key": key, "config": choices.config_record(config)}
+            "kernel": name, "dtype": dtype, "key": key, "config": choices.config_record(config),
+            **({"slower": round(slower, 4)} if slower is not None else {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "gpu": torch.cuda.get_device_name(), "arch": arch, "triton": triton.__version__, "torch": torch.__version__,

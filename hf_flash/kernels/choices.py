@@ -4,8 +4,8 @@ The autotuner's search compiles and times every candidate (tuning._prune) for ea
 dtype, features, power-of-two length buckets): seconds per kernel, again in every process. So:
 - HF_FLASH_AUTOTUNE=1 runs the search (settings.AUTOTUNE). Its choices are saved through Triton's own autotuning
   disk cache (cache_results, under TRITON_CACHE_DIR, default ~/.triton/cache), keyed by Triton's version, the
-  compile target, the kernel's source, the candidates, the tuning key and, added here, the GPU's name; a later
-  process reads the choice instead of timing again.
+  compile target, the kernel's source, the candidates, the tuning key and, added here, the GPU's name and hf_flash's
+  version; a later process reads the choice instead of timing again.
 - Otherwise no call times anything. The config comes from the table shipped for the GPU's architecture
   (tuned/sm90.json, tuned/sm80.json: written by tools/ship_tuning.py from searches on that GPU): the entry for
   this tuning key, else the entry that differs from it only in the length buckets and is nearest to them; where
@@ -34,11 +34,13 @@ _BUCKETS = ("SEQ_Q_BUCKET", "SEQ_K_BUCKET")
 
 
 class _Autotuner(Autotuner):
-    """Triton's autotuner, whose disk cache is also keyed by the GPU's name: the compile target (sm_90) is shared
-    by the H100 and the H200, and their best tiles differ."""
+    """Triton's autotuner, whose disk cache is also keyed by the GPU's name (the compile target, sm_90, is shared
+    by the H100 and the H200, and their best tiles differ) and by hf_flash's version (Triton's key holds the kernel's
+    source, not the host code that prepares its arguments)."""
 
     def check_disk_cache(self, tuning_key, configs, bench_fn):
-        named = (*tuning_key, torch.cuda.get_device_name())
+        from .. import __version__
+        named = (*tuning_key, torch.cuda.get_device_name(), f"hf_flash {__version__}")
         found = super().check_disk_cache(named, configs, bench_fn)
         if found:  # Triton stored the choice under the named key; run() reads it under its own
             self.cache[tuning_key] = self.cache.pop(named)
