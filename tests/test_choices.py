@@ -44,6 +44,27 @@ def test_entries_for_other_keys_or_configs_are_never_used(entry):
     assert choices.nearest([entry], "bfloat16", KEY, CANDIDATES) is None
 
 
+def test_a_key_without_an_entry_of_its_dtype_takes_the_other_16_bit_one(monkeypatch):
+    """A table tuned in bf16 serves fp16 (and back) where it has no entry of that dtype; an entry of the call's own
+    dtype wins, and fp32 never borrows."""
+    kernel = kernels.forward._attn_fwd
+    q = torch.empty(0, dtype=torch.float16)
+    kwargs = {"Q": q, "BLOCK_D": 64, **{name: False for name in kernel.keys}, "HEAD_DIM": 64,
+              "SEQ_Q_BUCKET": 1024, "SEQ_K_BUCKET": 1024, "LAYOUT_BQ": 0, "LAYOUT_BK": 0}
+    candidates = kernels.tuning._prune(kernel.configs, kwargs)
+    record = choices.config_record
+    key = choices.tuning_key(kernel, kwargs)
+    table = {kernel.base_fn.__name__: [("bfloat16", key, record(candidates[1]))]}
+    monkeypatch.setattr(kernels.settings, "INTERPRET", False)
+    monkeypatch.setattr(choices, "_arch", lambda device: "sm90")
+    monkeypatch.setattr(choices, "_table", lambda arch: table)
+    assert choices.choose(kernel, kwargs) is candidates[1]
+    table[kernel.base_fn.__name__].append(("float16", key, record(candidates[2])))
+    assert choices.choose(kernel, kwargs) is candidates[2]
+    assert choices.choose(kernel, {**kwargs, "Q": torch.empty(0, dtype=torch.float32)}) is \
+        kernels.tuning._prune(kernel.configs, {**kwargs, "Q": torch.empty(0, dtype=torch.float32)})[0]
+
+
 def test_without_a_table_the_first_candidate_that_fits_runs(monkeypatch):
     """The interpreter (and a GPU without a shipped table) takes _prune's first candidate, timing nothing."""
     monkeypatch.setattr(kernels.launch, "_CHOSEN", {})

@@ -39,10 +39,13 @@ from hf_flash.kernels import choices, launch, tuning  # noqa: E402
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def calls(args):
-    """(description, function running one forward and backward) over the grid."""
-    for d, n, causal, dtype, features in itertools.product(args.headdims, args.seqlens, (False, True), args.dtypes,
-                                                           args.features):
+def calls(args, one_length=False):
+    """(description, function running one forward and backward) over the grid; one_length: only the shortest
+    length of each (head dim, causal, dtype, features), which compiles every variant the others need (lengths
+    that are multiples of 16 share the compiled kernels)."""
+    seqlens = sorted(args.seqlens)[:1] if one_length else args.seqlens
+    for d, causal, dtype, features, n in itertools.product(args.headdims, (False, True), args.dtypes, args.features,
+                                                           seqlens):
         batch, heads = max(1, args.tokens // n), max(1, 2048 // d)
         def run(d=d, n=n, causal=causal, dtype=DTYPES[dtype], features=features, batch=batch, heads=heads):
             q, k, v = (torch.randn(batch, n, heads, d, device="cuda", dtype=dtype, requires_grad=True)
@@ -56,6 +59,25 @@ def calls(args):
             out = hf_flash.flash_attn_func(q, k, v, causal=causal, **kw)
             torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
         yield f"d{d} N{n} {'causal' if causal else 'full'} {dtype} {features or 'plain'}", run
+
+
+def write(out, arch, entries, timings, args):
+    """Adds this run's choices (merged across length buckets) to entries and writes the table."""
+    merged = merge(timings, args.merge_within)
+    for chosen, config in kernels.launch._CHOSEN.items():
+        kernel, dtype, *values = chosen
+        key = dict(zip(kernel.keys, values))
+        name, dtype = kernel.base_fn.__name__, str(dtype).removeprefix("torch.")
+        config, slower = merged.get(chosen, (config, None))
+        entries[(name, dtype, json.dumps(key, sort_keys=True))] = {
+            "kernel": name, "dtype": dtype, "key": key, "config": choices.config_record(config),
+            **({"slower": round(slower, 4)} if slower is not None else {})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "gpu": torch.cuda.get_device_name(), "arch": arch, "triton": triton.__version__, "torch": torch.__version__,
+        "hf_flash": hf_flash.__version__, "command": " ".join(sys.argv),
+        "entries": sorted(entries.values(), key=lambda e: (e["kernel"], e["dtype"], json.dumps(e["key"]))),
+    }, indent=1) + "\n")
 
 
 def merge(timings, within):
@@ -119,7 +141,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--headdims", type=int, nargs="+", default=[32, 64, 128])  # 32: all-MiniLM-L6-v2
     p.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp16", "bf16"])
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16"],
+                   help="fp16 calls take the bf16 entries where the table has no fp16 one (choices.choose)")
     p.add_argument("--features", nargs="+", default=["", "dropout", "padding", "padding+dropout"],
                    help="'' (none), dropout, padding, or both joined by '+'")
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen per call")
@@ -135,7 +158,7 @@ def main():
         index, count = map(int, args.compile_slice.split("/"))
         kernels.settings.AUTOTUNE = False
         _compile_candidates_first()
-        for i, (what, run) in enumerate(calls(args)):
+        for i, (what, run) in enumerate(calls(args, one_length=True)):
             if i % count == index:
                 run()
         return
@@ -162,22 +185,8 @@ def main():
             if chosen[0].configs_timings:  # None where the pruned list had one candidate: nothing was timed
                 timings[chosen] = {c: t[0] if isinstance(t, (list, tuple)) else t
                                    for c, t in chosen[0].configs_timings.items()}
+        write(out, arch, entries, timings, args)  # after every call: a run cut short keeps what it searched
         print(f"{what}: {time.time() - t0:.1f} s", flush=True)
-    merged = merge(timings, args.merge_within)
-    for chosen, config in kernels.launch._CHOSEN.items():
-        kernel, dtype, *values = chosen
-        key = dict(zip(kernel.keys, values))
-        name, dtype = kernel.base_fn.__name__, str(dtype).removeprefix("torch.")
-        config, slower = merged.get(chosen, (config, None))
-        entries[(name, dtype, json.dumps(key, sort_keys=True))] = {
-            "kernel": name, "dtype": dtype, "key": key, "config": choices.config_record(config),
-            **({"slower": round(slower, 4)} if slower is not None else {})}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "gpu": torch.cuda.get_device_name(), "arch": arch, "triton": triton.__version__, "torch": torch.__version__,
-        "hf_flash": hf_flash.__version__, "command": " ".join(sys.argv),
-        "entries": sorted(entries.values(), key=lambda e: (e["kernel"], e["dtype"], json.dumps(e["key"]))),
-    }, indent=1) + "\n")
     print(f"{len(entries)} entries in {out} ({time.time() - started:.0f} s)")
 
 

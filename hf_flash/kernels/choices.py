@@ -8,8 +8,9 @@ dtype, features, power-of-two length buckets): seconds per kernel, again in ever
   version; a later process reads the choice instead of timing again.
 - Otherwise no call times anything. The config comes from the table shipped for the GPU's architecture
   (tuned/sm90.json, tuned/sm80.json: written by tools/ship_tuning.py from searches on that GPU): the entry for
-  this tuning key, else the entry that differs from it only in the length buckets and is nearest to them; where
-  neither exists (or under the interpreter), the first candidate that fits (tuning._prune's order puts the tiles
+  this tuning key, else the entry that differs from it only in the length buckets and is nearest to them, else
+  the same for the other 16-bit dtype (fp16 for bf16 and back: their tiles cost the same); where none exists (or
+  under the interpreter), the first candidate that fits (tuning._prune's order puts the tiles
   measured best first). An entry that is not among the call's candidates (a table older than the candidate
   list) is never used.
 """
@@ -95,8 +96,13 @@ def choose(kernel, kwargs):
     if settings.INTERPRET:
         return candidates[0]
     entries = _table(_arch(kwargs["Q"].device)).get(kernel.base_fn.__name__, ())
-    return nearest(entries, str(kwargs["Q"].dtype).removeprefix("torch."), tuning_key(kernel, kwargs),
-                   candidates) or candidates[0]
+    dtype, key = str(kwargs["Q"].dtype).removeprefix("torch."), tuning_key(kernel, kwargs)
+    return (nearest(entries, dtype, key, candidates) or nearest(entries, _TWIN.get(dtype), key, candidates)
+            or candidates[0])
+
+
+# fp16 and bf16 tiles cost the same (same sizes, same MMA rate): a table may hold one of them for a key
+_TWIN = {"float16": "bfloat16", "bfloat16": "float16"}
 
 
 def nearest(entries, dtype, key, candidates):
