@@ -9,7 +9,7 @@ dtype, features, power-of-two length buckets): seconds per kernel, again in ever
 - Otherwise no call times anything. The config comes from the table shipped for the GPU's architecture
   (tuned/sm90.json, tuned/sm80.json: written by tools/ship_tuning.py from searches on that GPU): the entry for
   this tuning key, else the entry that differs from it only in the length buckets and is nearest to them, else
-  the same for the other 16-bit dtype (fp16 for bf16 and back: their tiles cost the same); where none exists (or
+  the same for the other 16-bit dtype (fp16 for bf16 and back, see _TWIN); where none exists (or
   under the interpreter), the first candidate that fits (tuning._prune's order puts the tiles
   measured best first). An entry that is not among the call's candidates (a table older than the candidate
   list) is never used.
@@ -101,7 +101,8 @@ def choose(kernel, kwargs):
             or candidates[0])
 
 
-# fp16 and bf16 tiles cost the same (same sizes, same MMA rate): a table may hold one of them for a key
+# fp16 and bf16 tiles have the same sizes and MMA rate, so a table may hold one of them for a key (tools/ship_tuning.py
+# searches bf16); `bench_kernels.py --vs-search` times fp16 rows on bf16's entries against a search of their own
 _TWIN = {"float16": "bfloat16", "bfloat16": "float16"}
 
 
