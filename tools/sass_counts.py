@@ -37,7 +37,12 @@ BASE = dict(IS_VARLEN=False, HAS_LEFT=False, HAS_RIGHT=False, HAS_KPM=False, HAS
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);")
 
 
-def signature(kernel, consts):
+# What a length that is not a multiple of 16 takes away: Triton specialises integers on divisibility by 16, and the
+# lse / delta row stride and the masks' row strides are the lengths themselves
+RAGGED = {"SEQ_Q", "SEQ_K", "stride_lh", "stride_kpm", "stride_qpm"}
+
+
+def signature(kernel, consts, ragged=False):
     """Argument types as the JIT would specialise them for contiguous fp16 tensors of round sizes: pointers and
     integers divisible by 16 (which lets Triton use async copies), head-dim strides equal to 1 (constexpr).
     A DQ pointer is an fp32 buffer where dQ is summed in fp32 (dK/dV kernel, DELTA_ONLY dQ launch)."""
@@ -63,13 +68,13 @@ def signature(kernel, consts):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-        if sig[name].startswith("*") or sig[name] == "i32":
+        if (sig[name].startswith("*") or sig[name] == "i32") and not (ragged and name in RAGGED):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, constexprs, ones, attrs
 
 
-def compile_sass(kernel, consts, warps, stages):
-    sig, constexprs, ones, attrs = signature(kernel, consts)
+def compile_sass(kernel, consts, warps, stages, ragged=False):
+    sig, constexprs, ones, attrs = signature(kernel, consts, ragged)
     src = ASTSource(kernel.fn, signature=sig, attrs=attrs,
                     constexprs={**{k: v for k, v in consts.items() if k in constexprs}, **ones})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
@@ -98,6 +103,7 @@ def main():
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--dropout", type=int, nargs="+", choices=(0, 1), default=[0, 1])
+    p.add_argument("--ragged", action="store_true", help="lengths that are not multiples of 16 (see RAGGED)")
     p.add_argument("--const", nargs="*", default=[], metavar="NAME=INT",
                    help="other constexprs, e.g. HAS_RIGHT=1 IS_VARLEN=1 (ignored by kernels without them)")
     args = p.parse_args()
@@ -112,8 +118,9 @@ def main():
         for dropout in args.dropout:
             consts = {**BASE, "HEAD_DIM": args.headdim, "BLOCK_D": triton.next_power_of_2(args.headdim),
                       "DROPOUT": bool(dropout), "BLOCK_M": block_m, "BLOCK_N": block_n, **extra}
-            sass, resources = compile_sass(kernel, consts, args.warps, args.stages)
-            print(f"{name} {args.tile} w{args.warps} s{args.stages} d{args.headdim} dropout={dropout} {extra or ''}, "
+            sass, resources = compile_sass(kernel, consts, args.warps, args.stages, args.ragged)
+            print(f"{name} {args.tile} w{args.warps} s{args.stages} d{args.headdim} dropout={dropout} {extra or ''}"
+                  f"{' ragged' if args.ragged else ''}, "
                   f"{resources}, kernel {summary([op for _, op, _ in sass])}")
             for addr, op, rest in sass:  # loop bodies: a branch back to an earlier address
                 target = re.search(r"0x([0-9a-f]+)", rest)
