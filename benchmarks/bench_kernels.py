@@ -11,7 +11,8 @@ Run from the repository root on a CUDA GPU:
 
 Case groups (--cases):
   dense    batch * seqlen = 16384 and nheads * headdim = 2048, so every row moves the same number of
-           tokens; hf_flash vs SDPA flash / cuDNN / mem-efficient and plain PyTorch (+ peak memory).
+           tokens; hf_flash vs SDPA flash / cuDNN / mem-efficient and plain PyTorch (+ peak memory), and
+           FlashAttention-4's CuTe kernels (fa4) where `flash_attn.cute` imports (PyPI flash-attn-4).
            --vs-search adds hf_flash_search: the same calls with a timed search of their own
            (HF_FLASH_AUTOTUNE=1, no choice read from disk), against hf_flash's shipped or rule-picked configs.
   padded   8 sequences, lengths uniform in [N/2, N] (seeded), right padding, 16 heads, d64,
@@ -66,6 +67,18 @@ def naive(q, k, v, mask):
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+def _fa4():
+    """flash_attn.cute.flash_attn_func (FlashAttention-4: PyPI flash-attn-4 with nvidia-cutlass-dsl), else None."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception:  # not installed, or its CUDA libraries do not load here
+        return None
+    return flash_attn_func
+
+
+FA4 = _fa4()
+
+
 class SearchMode:
     """`with SEARCH:` hf_flash times its candidates (a search of its own, whatever HF_FLASH_AUTOTUNE says), its
     choices and cached launches kept apart from the default mode's. Global for the whole timing, since autograd runs
@@ -96,12 +109,18 @@ def make_methods(q, k, v, qt, kt, vt, causal, batch, nheads, seqlen, vs_search=F
     fns = {"hf_flash": (lambda: hf_flash.flash_attn_func(q, k, v, causal=causal), [q, k, v])}
     if vs_search:
         fns["hf_flash_search"] = fns["hf_flash"]  # timed under SEARCH (time_methods)
+    if FA4 is not None:  # the same (batch, seqlen, nheads, headdim) layout as ours; it may also return the lse
+        fns["fa4"] = (lambda: _first(FA4(q, k, v, causal=causal)), [q, k, v])
     for name, backend in SDPA_BACKENDS.items():
         fns[name] = (lambda b=backend: sdpa(qt, kt, vt, causal, b), [qt, kt, vt])
     if batch * nheads * seqlen**2 * 2 <= TORCH_MAX_SCORE_BYTES:
         mask = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1) if causal else None
         fns["torch"] = (lambda: naive(qt, kt, vt, mask), [qt, kt, vt])
     return fns
+
+
+def _first(result):
+    return result[0] if isinstance(result, tuple) else result
 
 
 def compare(out, grads, ref, ref_grads, rows=None):
@@ -179,7 +198,7 @@ def speedup(row, pas, ours, other):
 
 
 def dense_methods(args):
-    return METHODS + (["hf_flash_search"] if args.vs_search else [])
+    return METHODS + (["fa4"] if FA4 is not None else []) + (["hf_flash_search"] if args.vs_search else [])
 
 
 def bench_config(dtype_name, headdim, seqlen, causal, args):
@@ -355,9 +374,10 @@ def ms_cell(row, pas, method):
 
 
 def dense_markdown(rows):
-    methods = METHODS + (["hf_flash_search"] if any("hf_flash_search" in r["fwd_ms"] for r in rows) else [])
-    others = [("sdpa_flash", "÷ flash"), ("sdpa_cudnn", "÷ cuDNN")] + [("hf_flash_search", "÷ search")] * (
-        len(methods) > len(METHODS))
+    extra = [m for m in ("fa4", "hf_flash_search") if any(m in r["fwd_ms"] for r in rows)]
+    methods = METHODS + extra
+    others = [("sdpa_flash", "÷ flash"), ("sdpa_cudnn", "÷ cuDNN")] + [
+        (m, {"fa4": "÷ FA4", "hf_flash_search": "÷ search"}[m]) for m in extra]
     lines = ["batch·seqlen = 16384, nheads·headdim = 2048; TFLOP/s from the median time "
              "(fwd 4·B·H·N²·D, halved when causal; bwd 2.5× fwd). Ratios > 1: hf_flash faster. "
              "— = unsupported, failed or skipped (see the JSON)."]
