@@ -36,12 +36,15 @@ def _prune(configs, named_args, **kwargs):
     if not (args.get("DROPOUT") and args["BLOCK_D"] == 64 and args["Q"].element_size() == 2):  # see _FWD_CONFIGS
         configs = [c for c in configs if not c.maxnreg]
     kept = configs
-    if row_bytes > 256:  # beyond fp16/bf16 headdim 128 or fp32 headdim 64
+    # (queries, keys) dK/dV tiles also keep P and dS transposed in shared memory: half the tile
+    tile = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * (2 if c.kwargs.get("QK_ROWS") else 1)
+    if args["Q"].element_size() == 4:  # see _FP32_TILE
+        kept = sorted((c for c in configs if tile(c) <= _FP32_TILE and c.num_stages <= 2), key=lambda c: -c.num_warps)
+        kept = kept or [min(configs, key=tile)]
+    elif row_bytes > 256:  # fp16/bf16 beyond head dim 128
         max_tile = 128 * 64 if row_bytes <= 512 else 64 * 32
-        # (queries, keys) dK/dV tiles also keep P and dS transposed in shared memory: half the tile
-        tile = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * (2 if c.kwargs.get("QK_ROWS") else 1)
         kept = [c for c in configs if tile(c) <= max_tile and c.num_stages <= 2]
-        kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        kept = kept or [min(configs, key=tile)]
     if args.get("SPARSE"):  # a kernel tile must lie inside one layout block
         fits = [c for c in kept if c.kwargs["BLOCK_M"] <= args["LAYOUT_BQ"] and c.kwargs["BLOCK_N"] <= args["LAYOUT_BK"]]
         kept = fits or [triton.Config({**orientation, "BLOCK_M": min(64, args["LAYOUT_BQ"]),
@@ -52,7 +55,16 @@ def _prune(configs, named_args, **kwargs):
 _FWD_CONFIGS = _configs([
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
     (64, 128, 4, 3),  # GPT-2 small's 4K step (B2 H12 d64 causal, dropout): 4% faster than any other (H200)
+    (64, 32, 8, 2),  # the fp32 tile (_FP32_TILE)
 ]) + _configs([(64, 64, 4, 3)], maxnreg=128)
+# fp32 inputs get true-fp32 dots (PRECISION "ieee"), which run on FMAs with every operand tile in registers: larger
+# tiles spill kilobytes per thread and take tens of seconds to compile. Triton 3.6, sm_90, static (the forward
+# 128 x 64 w4 s3 at d64: 2,528 B of stack, 27k instructions; the dK/dV 64 x 64 w4 s2 at d128: 21,928 B, 48 s to
+# compile on a 2-core CPU). So fp32 takes tiles of at most 64 x 32 elements, most warps first: forward 64 x 32 w8
+# (no spill at d64, 608 B at d128, 9,344 B at d256 where w4 spills 1,744 B), dQ and dK/dV 32 x 32 w8 (0-888 B,
+# against 10-17 KB for 64 x 16 and 16 x 64 w4 at d256). Rule picks for d32-d128: forward, dQ and dK/dV compile in
+# ~5 s in all at d64 and ~9 s at d128, against ~37 s and ~78 s for the tiles taken before.
+_FP32_TILE = 64 * 32
 # The capped tile is a candidate only with dropout at head dims 33-64 in fp16/bf16 (BLOCK_D 64). There the mask's
 # work takes the 64 x 64 tile to 136 registers per thread, so 3 programs fit an SM instead of 4; capped at 128 it
 # keeps 4 and does not spill (Triton 3.6, sm_90). Whether that wins depends on the shape: the tuner chose it for
