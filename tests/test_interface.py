@@ -18,8 +18,8 @@ DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
 
 def _cases():
     """On the GPU, the full product for fp16 and bf16, and for fp32 every seqlen x causal with one head dim,
-    rotating through all five (an fp32 case spends ~60-90 s compiling its true-fp32 dots: the product would
-    take a third of the GPU suite's time, and two head dims each brought the suite to 9 of the 10 minutes
+    rotating through all five (fp32 cases compile true-fp32 dots, the slowest kernels to compile, see
+    tuning._FP32_TILE; with the larger tiles of before, two head dims each brought the suite to 9 of the 10 minutes
     one device call may run). On the CPU interpreter, every seqlen x dtype x causal once,
     with the head dim and GQA grouping rotating through their values so each still appears several times."""
     if ON_GPU:
