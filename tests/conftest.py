@@ -66,6 +66,13 @@ def fresh_tuning(monkeypatch):
     return tuned
 
 
+def candidate_indices():
+    """range over the longest of the tuned kernels' candidate lists: the index one_candidate_each takes."""
+    import hf_flash.kernels as kernels
+    return range(max(len(kernels.tuning._FWD_CONFIGS), len(kernels.tuning._BWD_DKDV_CONFIGS),
+                     len(kernels.tuning._BWD_DQ_CONFIGS)))
+
+
 def one_candidate_each(monkeypatch, index, block_d, dtype, **features):
     """Makes each tuned kernel run its index-th candidate (modulo their number) for this row width (block_d) and
     these features (tuning._prune's arguments), starting from no tuned configs and timing nothing. The others stay

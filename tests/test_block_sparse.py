@@ -12,7 +12,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICE, ON_GPU, assert_compiled_matches, fresh_tuning, one_candidate_each
+from conftest import DEVICE, ON_GPU, assert_compiled_matches, candidate_indices, fresh_tuning, one_candidate_each
 from test_features import BF16, FP16, FP32, _check, _padding_mask, _pick, _qkv
 
 import hf_flash
@@ -111,8 +111,7 @@ def test_dropout_with_key_padding_at_small_layout_blocks(block_size, dtype, dq, 
 
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter has a single config")
 @pytest.mark.parametrize("dq", ["atomic", "kernel"])
-@pytest.mark.parametrize("index", range(max(len(kernels.tuning._FWD_CONFIGS), len(kernels.tuning._BWD_DKDV_CONFIGS),
-                                            len(kernels.tuning._BWD_DQ_CONFIGS))))
+@pytest.mark.parametrize("index", candidate_indices())
 @pytest.mark.parametrize("head_dim, dtype", [(64, FP16), (128, BF16)], ids=["d64-fp16", "d128-bf16"])
 def test_every_config_is_exact_with_dropout_and_padding(head_dim, dtype, index, dq, monkeypatch):
     """test_features.py's test of the same name on the block-sparse path: each candidate the search may pick for

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import triton
-from conftest import ON_GPU
+from conftest import ON_GPU, fresh_tuning
+from triton.runtime.errors import OutOfResources
 
 import hf_flash
 import hf_flash.kernels as kernels
@@ -52,14 +53,13 @@ def test_a_key_without_an_entry_of_its_dtype_takes_the_other_16_bit_one(monkeypa
     kwargs = {"Q": q, "BLOCK_D": 64, **{name: False for name in kernel.keys}, "HEAD_DIM": 64,
               "SEQ_Q_BUCKET": 1024, "SEQ_K_BUCKET": 1024, "LAYOUT_BQ": 0, "LAYOUT_BK": 0}
     candidates = kernels.tuning._prune(kernel.configs, kwargs)
-    record = choices.config_record
     key = choices.tuning_key(kernel, kwargs)
-    table = {kernel.base_fn.__name__: [("bfloat16", key, record(candidates[1]))]}
+    table = {kernel.base_fn.__name__: [("bfloat16", key, choices.config_record(candidates[1]))]}
     monkeypatch.setattr(kernels.settings, "INTERPRET", False)
     monkeypatch.setattr(choices, "_arch", lambda device: "sm90")
     monkeypatch.setattr(choices, "_table", lambda arch: table)
     assert choices.choose(kernel, kwargs) is candidates[1]
-    table[kernel.base_fn.__name__].append(("float16", key, record(candidates[2])))
+    table[kernel.base_fn.__name__].append(("float16", key, choices.config_record(candidates[2])))
     assert choices.choose(kernel, kwargs) is candidates[2]
     assert choices.choose(kernel, {**kwargs, "Q": torch.empty(0, dtype=torch.float32)}) is \
         kernels.tuning._prune(kernel.configs, {**kwargs, "Q": torch.empty(0, dtype=torch.float32)})[0]
@@ -82,8 +82,6 @@ def test_without_a_table_the_first_candidate_that_fits_runs(monkeypatch):
 def test_a_tile_this_gpu_cannot_fit_gives_way_to_the_next_candidate(monkeypatch, caplog):
     """The rule's first candidate needs more shared memory than the GPU has (Triton raises OutOfResources before
     launching): the next candidate that fits runs, the result is exact, the choice is kept, and it is said once."""
-    from triton.runtime.errors import OutOfResources
-    from conftest import fresh_tuning
     monkeypatch.setattr(kernels.settings, "AUTOTUNE", False)
     monkeypatch.setattr(choices, "_table", lambda arch: {})
     monkeypatch.setattr(choices, "_said", set())

@@ -17,7 +17,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICE, ON_GPU, assert_close_2x, fresh_tuning, one_candidate_each
+from conftest import DEVICE, ON_GPU, assert_close_2x, candidate_indices, fresh_tuning, one_candidate_each
 
 import hf_flash
 import hf_flash.kernels as kernels
@@ -638,8 +638,7 @@ def test_register_capped_forward_tile_is_exact_with_dropout(monkeypatch):
 
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter has a single config")
 @pytest.mark.parametrize("dq", ["atomic", "kernel"])
-@pytest.mark.parametrize("index", range(max(len(kernels.tuning._FWD_CONFIGS), len(kernels.tuning._BWD_DKDV_CONFIGS),
-                                            len(kernels.tuning._BWD_DQ_CONFIGS))))
+@pytest.mark.parametrize("index", candidate_indices())
 @pytest.mark.parametrize("head_dim, dtype", [(64, FP16), (128, BF16), (192, FP16)],
                          ids=["d64-fp16", "d128-bf16", "d192-fp16"])
 def test_every_config_is_exact_with_dropout_and_padding(head_dim, dtype, index, dq, monkeypatch):

@@ -4,7 +4,8 @@ import itertools
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, assert_close_2x, assert_compiled_matches, fresh_tuning, one_candidate_each
+from conftest import (DEVICE, ON_GPU, assert_close_2x, assert_compiled_matches, candidate_indices, fresh_tuning,
+                      one_candidate_each)
 
 import hf_flash
 import hf_flash.kernels as kernels
@@ -285,8 +286,7 @@ def test_cpu_without_interpreter_says_how_to_run(monkeypatch):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter has a single config")
-@pytest.mark.parametrize("index", range(max(len(kernels.tuning._FWD_CONFIGS), len(kernels.tuning._BWD_DKDV_CONFIGS),
-                                            len(kernels.tuning._BWD_DQ_CONFIGS))))
+@pytest.mark.parametrize("index", candidate_indices())
 @pytest.mark.parametrize("head_dim, dtype", [(64, torch.float16), (128, torch.bfloat16), (256, torch.float16)])
 def test_every_config_is_exact(index, head_dim, dtype, monkeypatch):
     """Each autotuning candidate computes the same function, whichever the tuner picks."""

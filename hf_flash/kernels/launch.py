@@ -80,8 +80,8 @@ def _launch(kernel, rows, block, programs, **kwargs):
             compiled = kernel[grid](**kwargs)  # times the candidates, or reads the choice a search saved
             config = _CHOSEN[tune_key] = kernel.best_config
         elif config is None:
-            config = _CHOSEN[tune_key] = choices.choose(kernel, kwargs)
-        if compiled is None:
+            config = choices.choose(kernel, kwargs)
+        if compiled is None:  # the config that ran: the chosen one, or the next that fits (_run_fitting)
             compiled, config = _run_fitting(kernel, grid, kwargs, config)
             _CHOSEN[tune_key] = config
     if not settings.INTERPRET:  # the interpreter has no compiled kernel
