@@ -1,7 +1,8 @@
 """First-call latency: seconds from a fresh process's first flash_attn_func call to its result, forward and backward.
 
 What a user waits for before a first step: tuning (with the search on) and compiling. Each shape's first forward
-and first backward are timed (synchronised), in one child process per cache state:
+and first backward are timed (synchronised), in one child process per cache state (with nothing timed, the forward
+also starts the backward's compiles, kernels/ahead.py, so the sum of the two is the figure to read):
   cold  an empty TRITON_CACHE_DIR: everything is searched and compiled;
   warm  a second process on the same cache: the search's choices and the compiled kernels are read from disk.
 The shapes run in order in one process, so a row pays only for what the rows above it did not compile. Run from
@@ -64,13 +65,14 @@ def markdown(results):
     lines = [f"# First-call latency ({env['gpu']}, bf16, HF_FLASH_AUTOTUNE={results['autotune']})", "",
              environment_line(env), "", "Seconds to the first forward / backward result of each shape in a fresh "
              "process, rows run in order (a repeated shape is a second call in the same process).", "",
-             "| first call of | cold fwd | cold bwd | warm fwd | warm bwd |", "|---|---|---|---|---|"]
+             "| first call of | cold fwd | cold bwd | cold fwd + bwd | warm fwd | warm bwd | warm fwd + bwd |",
+             "|---|---|---|---|---|---|---|"]
     seen = set()
     for shape, (cf, cb), (wf, wb) in zip(results["shapes"], results["cold"], results["warm"]):
         b, n, h, d, causal = shape
         name = f"({b}, {n}, {h}, {d}) {'causal' if causal else 'full'}" + (" again" if tuple(shape) in seen else "")
         seen.add(tuple(shape))
-        lines.append(f"| {name} | {cf:.2f} | {cb:.2f} | {wf:.2f} | {wb:.2f} |")
+        lines.append(f"| {name} | {cf:.2f} | {cb:.2f} | {cf + cb:.2f} | {wf:.2f} | {wb:.2f} | {wf + wb:.2f} |")
     lines += ["", f"Process wall time: cold {results['cold_wall_s']:.1f} s, warm {results['warm_wall_s']:.1f} s "
               "(including Python and CUDA start-up)."]
     return "\n".join(lines) + "\n"

@@ -1,18 +1,19 @@
 """Which config a call runs with (hf_flash.kernels.choices): shipped entries, the nearest-bucket rule, the search's
-choices persisted across processes, and the one-time notices."""
+choices persisted across processes, the one-time notices, and the backward compiled ahead (kernels.ahead)."""
 
 import logging
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import triton
-from conftest import ON_GPU, fresh_tuning
+from conftest import DEVICE, ON_GPU, fresh_tuning
 from triton.runtime.errors import OutOfResources
 
 import hf_flash
@@ -160,3 +161,93 @@ def test_a_later_process_reads_the_search_choice_instead_of_timing(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         counts.append(int(done.stdout.split("timed")[-1]))
     assert counts[0] > 0 and counts[1] == 0, counts
+
+
+def _backward_ahead_cases():
+    """(name, q, k, v, flash_attn_func keywords): the variants whose backward must be the one compiled ahead."""
+    def make(b, sq, sk, h, hk, d, dtype=torch.float16, layout="bshd"):
+        def one(s, heads):
+            if layout == "bhsd":  # transformers' transposed views
+                return torch.randn(b, heads, s, d, device=DEVICE, dtype=dtype).transpose(1, 2)
+            return torch.randn(b, s, heads, d, device=DEVICE, dtype=dtype)
+        return [t.requires_grad_() for t in (one(sq, h), one(sk, hk), one(sk, hk))]
+    padding = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    padding[1, 29:] = False
+    yield "causal dropout (atomic dQ)", make(2, 40, 40, 2, 2, 32), dict(causal=True, dropout_p=0.2)
+    yield "padding, no dropout", make(2, 40, 40, 2, 2, 32, layout="bhsd"), dict(key_padding_mask=padding)
+    yield "gqa cross lengths bf16", make(1, 23, 57, 4, 2, 40, torch.bfloat16), dict(window_size=(8, 3))
+    yield "deterministic dropout", make(1, 33, 33, 2, 1, 64), dict(dropout_p=0.1, deterministic=True)
+    yield "alibi", make(1, 17, 17, 2, 2, 16), dict(alibi_slopes=torch.tensor([0.5, 0.25], device=DEVICE))
+
+
+@pytest.mark.parametrize("case", list(_backward_ahead_cases()), ids=lambda case: case[0])
+def test_the_backward_compiled_ahead_is_the_one_the_backward_launches(case, monkeypatch):
+    """A forward whose inputs need gradients starts compiling its backward's dQ and dK/dV variants (launch keys: every
+    argument Triton specialises on); the backward, given the contiguous dout that models give it, launches exactly
+    those. Runs on the CPU too: the submitted compiles are recorded, not run."""
+    _, (q, k, v), options = case
+    submitted, launched = [], []
+    monkeypatch.setattr(kernels.launch, "_compiles_ahead", lambda: True)
+    monkeypatch.setattr(kernels.launch, "_COMPILED", {})
+    monkeypatch.setattr(kernels.ahead, "submit", lambda key, compile_fn: submitted.append(key))
+    out = hf_flash.flash_attn_func(q, k, v, **options)
+    assert len(submitted) == 2
+    launch = kernels.launch._launch
+
+    def recording(kernel, rows, block, programs, **kwargs):
+        launched.append(kernels.launch._launch_key(kernel, kwargs)[0])
+        return launch(kernel, rows, block, programs, **kwargs)
+
+    monkeypatch.setattr(kernels.launch, "_launch", recording)
+    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert launched == submitted
+
+
+def test_nothing_is_compiled_ahead_without_a_backward_to_come(monkeypatch):
+    submitted = []
+    monkeypatch.setattr(kernels.launch, "_compiles_ahead", lambda: True)
+    monkeypatch.setattr(kernels.launch, "_COMPILED", {})
+    monkeypatch.setattr(kernels.ahead, "submit", lambda key, compile_fn: submitted.append(key))
+    q = torch.randn(1, 24, 2, 32, device=DEVICE, dtype=torch.float16)
+    hf_flash.flash_attn_func(q, q, q, causal=True)  # no input needs a gradient
+    with torch.no_grad():
+        hf_flash.flash_attn_func(*(q.clone().requires_grad_() for _ in range(3)), causal=True)
+    assert submitted == []
+
+
+def test_a_launch_waits_for_its_compile_started_ahead_and_failures_there_are_dropped(monkeypatch, caplog):
+    monkeypatch.setattr(kernels.ahead, "_PENDING", {})
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def slow():
+        started.set()
+        release.wait(10)
+        done.append(threading.current_thread().name)
+
+    kernels.ahead.submit("key", slow)
+    kernels.ahead.submit("key", lambda: done.append("twice"))  # already pending: not run again
+    assert started.wait(10)
+    threading.Timer(0.2, release.set).start()
+    kernels.ahead.wait("key")
+    assert done and done[0].startswith("hf_flash-compile") and "twice" not in done
+    caplog.set_level(logging.DEBUG, logger="hf_flash")
+    kernels.ahead.submit("bad", lambda: 1 / 0)
+    kernels.ahead.wait_all()  # the failure is logged, not raised: the launch compiles again and raises there
+    assert not kernels.ahead._PENDING and any("ZeroDivisionError" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter compiles nothing")
+def test_a_training_call_compiles_its_backward_on_the_worker_threads_once(monkeypatch):
+    """End to end on the GPU: the first training call of a new variant compiles dQ and dK/dV on the hf_flash-compile
+    threads while the forward runs; the backward finds them (no compile of its own) and is exact."""
+    monkeypatch.setattr(kernels.settings, "AUTOTUNE", False)
+    fresh_tuning(monkeypatch)
+    compiles = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook",
+                        lambda *, fn, **kw: compiles.append((fn.name, threading.current_thread().name)) and False)
+    q, k, v = (torch.randn(1, 77, 3, 24, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = hf_flash.flash_attn_func(q, k, v, causal=True, dropout_p=0.1)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    backward = sorted((name, thread.split("_")[0]) for name, thread in compiles if "bwd" in name)
+    assert backward == [("_attn_bwd_dkdv", "hf_flash-compile"), ("_attn_bwd_dq", "hf_flash-compile")], compiles
+    assert all(torch.isfinite(g).all() for g in grads) and not kernels.ahead._PENDING

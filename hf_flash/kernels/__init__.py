@@ -21,6 +21,8 @@ The modules, in the order they build on each other:
     backward_dq    the dQ kernel (and delta)
     backward_dkdv  the dK/dV kernel
     args           AttentionArgs and KernelLayout, the typed records the wrappers hand to the launchers
+    choices        which tile config a call runs with (search, shipped table, rule), the one-time notices
+    ahead          compiles started ahead of the launch that needs them, on worker threads
     launch         kernel arguments, the launch cache, attention_forward / attention_backward
     ops            the custom ops with autograd, and run_attention
 """

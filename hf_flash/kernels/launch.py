@@ -3,7 +3,8 @@
 attention_forward runs the forward kernel; attention_backward runs the dQ kernel then the dK/dV kernel. Both
 build the kernels' keyword arguments from the tensors (_features, _layout_args, _strides) and launch through
 _launch, which remembers the tuner's choice (_CHOSEN) and the compiled kernel (_COMPILED) per launch key so that
-a repeated call skips Triton's own launch path. reset_tuning() forgets both.
+a repeated call skips Triton's own launch path. reset_tuning() forgets both. The first forward of a training call
+also starts compiling the kernels its backward will launch (_compile_backward_ahead, on ahead.py's threads).
 
 Dense tensors are (batch, seqlen, nheads, headdim); packed (varlen) ones are (total, nheads, headdim) and are
 viewed as one batch row whose batch stride is never used. The switches are read as attributes of settings at
@@ -16,7 +17,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from . import choices, settings
+from . import ahead, choices, settings
 from .backward_dkdv import _attn_bwd_dkdv
 from .backward_dq import _attn_bwd_dq
 from .common import LOG2E
@@ -54,6 +55,7 @@ def _launch(kernel, rows, block, programs, **kwargs):
     bool masks, fp32 lse and slopes, int64 seed) and the device, so the cached kernel is the one Triton
     would pick, and the call goes straight to its C launcher. Pointers go in as integer addresses: given a tensor, the
     launcher would call data_ptr() and query the driver (cuPointerGetAttribute) for each of ~20 pointers.
+    Returns True when the launch key was new (the slow path), else None.
     """
     global _driver
     device = kwargs["Q"].device
@@ -70,11 +72,12 @@ def _launch(kernel, rows, block, programs, **kwargs):
         grid_x = (rows + size - 1) // size * programs
         run(grid_x, 1, 1, _driver.get_current_stream(_driver.get_current_device()), function, metadata, None, None,
             None, *addresses, *scalars, *meta)
-        return
-    grid = lambda cfg: (triton.cdiv(rows, cfg[block]) * programs,)
-    tune_key = (kernel, kwargs["Q"].dtype, *(kwargs[name] for name in kernel.keys))
+        return None
+    grid = _grid(rows, block, programs)
+    tune_key = _tune_key(kernel, kwargs)
     config, compiled = _CHOSEN.get(tune_key), None
     with choices.CompileNotice(lambda: choices.describe_call(kernel, kwargs)):
+        ahead.wait(key)  # a compile of this launch started ahead (_compile_backward_ahead) is then in Triton's cache
         if config is None and settings.AUTOTUNE and not settings.INTERPRET:
             choices.announce_search()
             compiled = kernel[grid](**kwargs)  # times the candidates, or reads the choice a search saved
@@ -90,6 +93,15 @@ def _launch(kernel, rows, block, programs, **kwargs):
         _driver = triton.runtime.driver.active
         _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata,
                           tuple(config.kwargs[name] for name in _meta(kernel)), config.kwargs[block])
+    return True
+
+
+def _grid(rows, block, programs):
+    return lambda cfg: (triton.cdiv(rows, cfg[block]) * programs,)
+
+
+def _tune_key(kernel, kwargs):
+    return (kernel, kwargs["Q"].dtype, *(kwargs[name] for name in kernel.keys))
 
 
 def _run_fitting(kernel, grid, kwargs, config):
@@ -123,6 +135,7 @@ def reset_tuning():
     contents, so every layout with the same key runs with the config tuned on the first one. A model
     uses one layout and is tuned on it; a benchmark that compares layouts in one process calls this
     between them (each layout then gets what it would get in a process of its own)."""
+    ahead.wait_all()
     _CHOSEN.clear()
     _COMPILED.clear()
     for kernel in (_attn_fwd, _attn_bwd_dq, _attn_bwd_dkdv):
@@ -233,10 +246,11 @@ def _features(q, k, args):
     return ptrs, shared, batch
 
 
-def attention_forward(q, k, v, args, features=None):
+def attention_forward(q, k, v, args, features=None, backward_follows=False):
     """Returns out (shape of q, contiguous) and lse: (batch, nheads, seqlen_q), or (nheads, total_q) packed.
     args: AttentionArgs. features: _features() of these arguments, when the caller already has them (the eager
-    path keeps them for the backward)."""
+    path keeps them for the backward). backward_follows: a backward is expected (inputs that need gradients), so the
+    first call of a new variant starts compiling the backward kernels (_compile_backward_ahead)."""
     varlen = args.cu_seqlens_q is not None
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     nheads = q.shape[-2]
@@ -250,11 +264,42 @@ def attention_forward(q, k, v, args, features=None):
     qpm = args.query_padding_mask
     (q4, qs), (k4, ks), (v4, vs), (o4, os_) = (_as_4d(t, varlen) for t in (q, k, v, out))
     layout_kv, _ = _layout_args(q, args)
-    _launch(_attn_fwd, _launch_rows(shared["SEQ_Q"], args.layout_block_q), "BLOCK_M", batch * nheads,
-            Q=q4, K=k4, V=v4, O=o4, LSE=lse, **ptrs, **layout_kv, QPM=qpm if qpm is not None else q,
-            stride_qpm=qpm.stride(0) if qpm is not None else 0, HAS_QPM=qpm is not None,
-            **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_), **shared)
+    new = _launch(_attn_fwd, _launch_rows(shared["SEQ_Q"], args.layout_block_q), "BLOCK_M", batch * nheads,
+                  Q=q4, K=k4, V=v4, O=o4, LSE=lse, **ptrs, **layout_kv, QPM=qpm if qpm is not None else q,
+                  stride_qpm=qpm.stride(0) if qpm is not None else 0, HAS_QPM=qpm is not None,
+                  **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_), **shared)
+    if new and backward_follows and _compiles_ahead():
+        _compile_backward_ahead(q, k, v, out, lse, args, (ptrs, shared, batch))
     return out, lse
+
+
+def _compiles_ahead():
+    """Not under the search (HF_FLASH_AUTOTUNE=1), which compiles every candidate as it times them, nor under the
+    interpreter, which compiles nothing."""
+    return not settings.AUTOTUNE and not settings.INTERPRET
+
+
+def _compile_backward_ahead(q, k, v, out, lse, args, features):
+    """Starts compiling, on worker threads (ahead.py), the dQ and dK/dV kernels that the backward of this call will
+    launch for a dout laid out like out (contiguous, as transformers' models give it) and no lse gradient: the tile
+    it will pick and every argument Triton specialises on. out and lse stand in for the buffers the backward
+    allocates (same dtypes, fresh allocations alike in alignment). A backward that differs (another dout layout)
+    compiles its own variant, as it would without this."""
+    dq_acc = lse if _atomic_dq(q, args, features[1]) else None
+    for kernel, rows, block, programs, kwargs in _backward_launches(out, q, k, v, out, lse, None, args, features,
+                                                                    out, out, out, lse, dq_acc):
+        key = _launch_key(kernel, kwargs)[0]
+        if key not in _COMPILED:
+            ahead.submit(key, lambda kernel=kernel, rows=rows, block=block, programs=programs, kwargs=kwargs:
+                         _compile(kernel, rows, block, programs, kwargs))
+
+
+def _compile(kernel, rows, block, programs, kwargs):
+    """Compiles and loads the kernel for these arguments with the config _launch would pick, without launching it."""
+    with torch.cuda.device(kwargs["Q"].device):
+        config = _CHOSEN.get(_tune_key(kernel, kwargs)) or choices.choose(kernel, kwargs)
+        compiled = kernel.fn.run(grid=_grid(rows, block, programs), warmup=True, **kwargs, **config.all_kwargs())
+        compiled.run  # noqa: B018 (the property builds the C launcher and loads the binary, as a first launch does)
 
 
 _STRIDE_NAMES = {name: tuple(f"stride_{name}{axis}" for axis in ("b", "m" if name in ("q", "o", "do", "dq") else "n", "h", "d"))
@@ -269,48 +314,74 @@ def attention_backward(dout, q, k, v, out, lse, dlse, args, features=None):
     """Returns dq, dk, dv (contiguous, in the input dtypes). dlse may be None. args, features: as in
     attention_forward. args.deterministic: never sum dQ with atomics (see settings._ATOMIC_DQ);
     torch.use_deterministic_algorithms(True) too."""
-    varlen = args.cu_seqlens_q is not None
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    ptrs, shared, batch = features or _features(q, k, args)
-    nheads, nheads_kv = q.shape[-2], k.shape[-2]
-    (q4, qs), (k4, ks), (v4, vs), (o4, os_), (do4, dos) = (_as_4d(t, varlen) for t in (q, k, v, out, dout))
-    (dq4, dqs), (dk4, dks), (dv4, dvs) = (_as_4d(t, varlen) for t in (dq, dk, dv))
-
+    features = features or _features(q, k, args)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
-    scales = dict(sm_scale=args.softmax_scale)
-    kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
-    layout_kv, layout_q = _layout_args(q, args)
-    deterministic = args.deterministic or torch.are_deterministic_algorithms_enabled()
-    # Atomics only where measured (rows up to 256 bytes: head dim 128 in 16 bits): beyond, the dK/dV kernel's fp32
-    # dQ tile does not fit shared memory next to its other buffers in the first 64 x 64 candidate (Triton 3.6).
-    atomic = not deterministic and q.element_size() * shared["BLOCK_D"] <= 256 and (
-        settings._ATOMIC_DQ == "1" or (settings._ATOMIC_DQ == "dropout" and args.dropout_p > 0.0))
+    atomic = _atomic_dq(q, args, features[1])
     # dQ first, which also stores delta for the dK/dV kernel; with atomics only delta, and the dK/dV kernel
     # adds each key block's dQ into an fp32 buffer that this launch zeroes (the dropout mask is then drawn once)
     delta = torch.empty_like(lse)
-    if atomic:
-        dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-        dq_acc4, dq_accs = _as_4d(dq_acc, varlen)
-    else:
-        dq_acc4, dq_accs = _no_buffer(q.device), (0, 0, 0, 0)
-    _launch(_attn_bwd_dq, _launch_rows(shared["SEQ_Q"], args.layout_block_q), "BLOCK_M", batch * nheads,
-            Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse, Delta=delta,
-            DQ=dq_acc4 if atomic else dq4, **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
-            DELTA_ONLY=atomic, **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_),
-            **_strides("do", dos), **_strides("dq", dq_accs if atomic else dqs), **scales, **shared)
-    _launch(_attn_bwd_dkdv, _launch_rows(shared["SEQ_K"], args.layout_block_k), "BLOCK_N", batch * nheads_kv,
-            Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, DQ=dq_acc4, **kv_ptrs, **layout_q,
-            **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos),
-            **_strides("dk", dks), **_strides("dv", dvs), **_strides("dq", dq_accs), ATOMIC_DQ=atomic, **scales,
-            **shared)
+    dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32) if atomic else None
+    for kernel, rows, block, programs, kwargs in _backward_launches(dout, q, k, v, out, lse, dlse, args, features,
+                                                                    dq, dk, dv, delta, dq_acc):
+        _launch(kernel, rows, block, programs, **kwargs)
     if atomic:
         dq.copy_(dq_acc)
     return dq, dk, dv
+
+
+def _atomic_dq(q, args, shared):
+    """Whether the dK/dV kernel sums dQ with fp32 atomics (settings._ATOMIC_DQ) instead of a dQ kernel of its own."""
+    deterministic = args.deterministic or torch.are_deterministic_algorithms_enabled()
+    # Atomics only where measured (rows up to 256 bytes: head dim 128 in 16 bits): beyond, the dK/dV kernel's fp32
+    # dQ tile does not fit shared memory next to its other buffers in the first 64 x 64 candidate (Triton 3.6).
+    return not deterministic and q.element_size() * shared["BLOCK_D"] <= 256 and (
+        settings._ATOMIC_DQ == "1" or (settings._ATOMIC_DQ == "dropout" and args.dropout_p > 0.0))
+
+
+def _backward_launches(dout, q, k, v, out, lse, dlse, args, features, dq, dk, dv, delta, dq_acc):
+    """[(kernel, rows, block, programs, kwargs)] of the dQ and dK/dV launches, as _launch takes them. dq, dk, dv
+    (and dq_acc, fp32, when dQ is summed with atomics; else None) are the contiguous buffers attention_backward
+    allocates: their strides come from the shapes of q and k, so any tensor of their dtype and alignment can stand in
+    for them (_compile_backward_ahead)."""
+    varlen = args.cu_seqlens_q is not None
+    ptrs, shared, batch = features
+    nheads, nheads_kv = q.shape[-2], k.shape[-2]
+    (q4, qs), (k4, ks), (v4, vs), (o4, os_), (do4, dos) = (_as_4d(t, varlen) for t in (q, k, v, out, dout))
+    dqs, dks = _contiguous_strides(q.shape, varlen), _contiguous_strides(k.shape, varlen)
+    dq4, dk4, dv4 = (_as_4d(t, varlen)[0] for t in (dq, dk, dv))
+    atomic = dq_acc is not None
+    dq_acc4, dq_accs = (_as_4d(dq_acc, varlen)[0], dqs) if atomic else (_no_buffer(q.device), (0, 0, 0, 0))
+    scales = dict(sm_scale=args.softmax_scale)
+    kv_ptrs = {name: ptrs[name] for name in ("CU_Q", "CU_K", "KPM", "ALIBI", "SEED")}
+    layout_kv, layout_q = _layout_args(q, args)
+    dq_launch = dict(
+        Q=q4, K=k4, V=v4, O=o4, DO=do4, LSE=lse, DLSE=dlse if dlse is not None else lse, Delta=delta,
+        DQ=dq_acc4 if atomic else dq4, **kv_ptrs, **layout_kv, K_RANGE=ptrs["K_RANGE"], HAS_DLSE=dlse is not None,
+        DELTA_ONLY=atomic, **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("o", os_),
+        **_strides("do", dos), **_strides("dq", dq_accs if atomic else dqs), **scales, **shared)
+    dkdv_launch = dict(
+        Q=q4, K=k4, V=v4, DO=do4, LSE=lse, Delta=delta, DK=dk4, DV=dv4, DQ=dq_acc4, **kv_ptrs, **layout_q,
+        **_strides("q", qs), **_strides("k", ks), **_strides("v", vs), **_strides("do", dos), **_strides("dk", dks),
+        **_strides("dv", dks), **_strides("dq", dq_accs), ATOMIC_DQ=atomic, **scales, **shared)
+    return [(_attn_bwd_dq, _launch_rows(shared["SEQ_Q"], args.layout_block_q), "BLOCK_M", batch * nheads, dq_launch),
+            (_attn_bwd_dkdv, _launch_rows(shared["SEQ_K"], args.layout_block_k), "BLOCK_N", batch * nheads_kv,
+             dkdv_launch)]
+
+
+def _contiguous_strides(shape, varlen):
+    """The strides _as_4d gives a contiguous tensor of this shape."""
+    strides, size = [], 1
+    for n in reversed(shape):
+        strides.append(size)
+        size *= n
+    strides.reverse()
+    return (0, *strides) if varlen else tuple(strides)
 
 
 _NO_BUFFER = {}

@@ -128,7 +128,9 @@ class _EagerAttention(torch.autograd.Function):
         # An unused lse gets dlse = None instead of a tensor of zeros: no fill kernel, no dlse read.
         ctx.set_materialize_grads(False)
         ctx.features = _features(q, k, args) if q.numel() and k.numel() else None
-        out, lse = attention_forward(q, k, v, args, features=ctx.features)
+        # (run_attention applies this Function only with grad mode on, where needs_input_grad means a backward may come)
+        out, lse = attention_forward(q, k, v, args, features=ctx.features,
+                                     backward_follows=any(ctx.needs_input_grad[:3]))
         _save(ctx, q, k, v, out, lse, args)
         return out, lse
 
@@ -169,4 +171,6 @@ def run_attention(q, k, v, args):
     autograd.Function eagerly."""
     if torch.compiler.is_compiling():
         return attention_fwd_op(q, k, v, *_fwd_op_args(args))
+    if not torch.is_grad_enabled():  # evaluation: no graph to record, so no autograd node and its host time
+        return attention_forward(q, k, v, args)
     return _EagerAttention.apply(q, k, v, args)
