@@ -235,6 +235,26 @@ def test_query_padding(case, sides):
     assert torch.isinf(lse.transpose(1, 2)[~query_mask]).all()
 
 
+def test_a_padding_mask_changed_in_place_gets_its_new_key_range(monkeypatch):
+    """Every layer of a model gets the same padding mask, so its key range (which key blocks the kernels skip) is
+    computed once and reused while the mask is unchanged; a mask edited in place gets a new one, and the result
+    follows the new mask exactly."""
+    computed = []
+    compute = kernels.launch._compute_key_range
+    monkeypatch.setattr(kernels.launch, "_compute_key_range", lambda kpm: computed.append(1) or compute(kpm))
+    monkeypatch.setattr(kernels.launch, "_last_key_range", None)
+    q, k, v = _qkv(2, 2, 1, 40, 150, 32, FP16)
+    mask = torch.ones(2, 150, dtype=torch.bool, device=DEVICE)
+    mask[1, 70:] = False
+    for _ in range(2):  # two layers
+        check_dense(q, k, v, causal=False, key_padding_mask=mask)
+    assert len(computed) == 1
+    mask[1, 70:] = True  # the same tensor: row 1 gains keys past its old range, row 0 loses its first ones
+    mask[0, :60] = False
+    check_dense(q, k, v, causal=False, key_padding_mask=mask)
+    assert len(computed) == 2
+
+
 @pytest.mark.parametrize("case", _pick([(3, 2, 1, 65, 80, 32, True, FP16)], [(3, 8, 2, 1000, 1100, 64, True, BF16)]),
                          ids=_ids)
 def test_fully_masked_batch_row(case):

@@ -12,6 +12,7 @@ each call (settings._ATOMIC_DQ), so that setting one there reaches this module.
 """
 
 import operator
+import weakref
 
 import torch
 import triton
@@ -177,10 +178,29 @@ def _as_4d(x, varlen):
 
 
 
+# (weak reference to the mask, its version, its address, the key range): a model hands the same padding mask to every
+# layer of a forward, so the ~8 torch ops of _key_range run once per forward, not once per layer.
+_last_key_range = None
+
+
 def _key_range(key_padding_mask):
     """(batch, 2) int32 [first, last + 1) of the attended keys of each batch row (empty: [0, 0)),
-    computed on the device so the kernels can skip the padding blocks without a host sync."""
+    computed on the device so the kernels can skip the padding blocks without a host sync; the last mask's is
+    reused while the mask is unchanged (same tensor, same version counter). Inference tensors have no version
+    counter (and may change in place inside inference mode), so theirs is computed each time."""
+    global _last_key_range
     kpm = key_padding_mask
+    if _last_key_range is not None:
+        ref, version, address, key_range = _last_key_range
+        if ref() is kpm and not kpm.is_inference() and kpm._version == version and kpm.data_ptr() == address:
+            return key_range
+    key_range = _compute_key_range(kpm)
+    if not kpm.is_inference() and not torch.compiler.is_compiling():
+        _last_key_range = (weakref.ref(kpm), kpm._version, kpm.data_ptr(), key_range)
+    return key_range
+
+
+def _compute_key_range(kpm):
     idx = torch.arange(kpm.shape[1], device=kpm.device, dtype=torch.int32)
     first = torch.where(kpm, idx, kpm.shape[1]).amin(1)
     last = torch.where(kpm, idx + 1, 0).amax(1)
