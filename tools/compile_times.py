@@ -14,12 +14,10 @@ import tempfile
 import threading
 import time
 
-from sass_counts import BASE, KERNELS, signature  # first: it makes Triton compile for real, not interpret
+from sass_counts import BASE, KERNELS, compile_sm90  # first: it makes Triton compile for real, not interpret
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from hf_flash.kernels.tuning import _prune
 
@@ -31,13 +29,8 @@ def first_candidate(name, consts):
 
 def compile_one(name, consts):
     config = first_candidate(name, consts)
-    consts = {**consts, **config.kwargs}
-    sig, constexprs, ones, attrs = signature(KERNELS[name], consts)
-    src = ASTSource(KERNELS[name].fn, signature=sig, attrs=attrs,
-                    constexprs={**{k: v for k, v in consts.items() if k in constexprs}, **ones})
     start = time.perf_counter()
-    triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    compile_sm90(KERNELS[name], {**consts, **config.kwargs}, config.num_warps, config.num_stages)
     return time.perf_counter() - start
 
 

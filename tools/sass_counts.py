@@ -73,11 +73,16 @@ def signature(kernel, consts, ragged=False):
     return sig, constexprs, ones, attrs
 
 
-def compile_sass(kernel, consts, warps, stages, ragged=False):
+def compile_sm90(kernel, consts, warps, stages, ragged=False):
+    """The kernel compiled for sm_90 with these constexprs (a full set: BASE plus the tile and head dim)."""
     sig, constexprs, ones, attrs = signature(kernel, consts, ragged)
     src = ASTSource(kernel.fn, signature=sig, attrs=attrs,
                     constexprs={**{k: v for k, v in consts.items() if k in constexprs}, **ones})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def compile_sass(kernel, consts, warps, stages, ragged=False):
+    compiled = compile_sm90(kernel, consts, warps, stages, ragged)
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])

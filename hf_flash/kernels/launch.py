@@ -195,7 +195,7 @@ def _key_range(key_padding_mask):
         if ref() is kpm and not kpm.is_inference() and kpm._version == version and kpm.data_ptr() == address:
             return key_range
     key_range = _compute_key_range(kpm)
-    if not kpm.is_inference() and not torch.compiler.is_compiling():
+    if not kpm.is_inference():
         _last_key_range = (weakref.ref(kpm), kpm._version, kpm.data_ptr(), key_range)
     return key_range
 
